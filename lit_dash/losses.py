@@ -1,0 +1,373 @@
+"""Pure tensor functions for GRPO-family / DASH policy optimisation.
+
+Everything here is stateless and side-effect free: tensors in, tensors out. The training loop owns all
+bookkeeping (which completions are kept, how they are split into micro-batches, which global counts to
+pass); this module only does the arithmetic, so each piece can be unit-tested against numbers computed
+by hand.
+
+Shape conventions (used in every docstring):
+
+* ``B``: number of completions (rows). Rewards/advantages are laid out *group-contiguous*: the ``G``
+  completions of prompt ``p`` occupy rows ``p*G .. p*G+G-1``, so ``B = P * G``.
+* ``T``: number of completion tokens (right-padded).
+* ``V``: vocabulary size.
+* ``mask``: ``[B, T]`` float or bool, 1/True on real completion tokens, 0/False on padding.
+
+Why these particular pieces (see DASH, arXiv 2505.17218, and the GRPO / DAPO / Dr. GRPO papers):
+
+* group-relative advantages replace a learned critic (GRPO);
+* groups whose rewards are all equal give zero advantage, hence zero gradient, and are the samples DASH's
+  preemptive sampling tries to avoid; ``zero_variance_groups`` finds them;
+* DASH's gradient filtering drops samples with ``|A| <= 0.1`` (``filter_mask``) because they cost a full
+  forward/backward but contribute almost nothing to the update;
+* the loss-aggregation mode decides how tokens are weighted (``aggregate_loss``), and it must give the same
+  step loss however the kept samples are split into micro-batches (see ``aggregate_loss``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "aggregate_loss",
+    "entropy_from_logits",
+    "filter_mask",
+    "global_loss_counts",
+    "group_advantages",
+    "kl_penalty",
+    "policy_loss",
+    "token_logprobs",
+    "zero_variance_groups",
+]
+
+LOSS_AGG_MODES: tuple[str, ...] = ("token_mean", "seq_mean", "constant")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Advantages and sample selection
+# --------------------------------------------------------------------------------------------------------
+
+
+def _as_float(x: Tensor) -> Tensor:
+    return x if torch.is_floating_point(x) else x.to(torch.get_default_dtype())
+
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    """Reshape group-contiguous ``rewards [B]`` to ``[P, G]`` after validating the layout."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"number of rewards ({rewards.numel()}) is not a multiple of group_size ({group_size}); "
+            "rewards must be laid out group-contiguous with B = P * G"
+        )
+    return _as_float(rewards).view(-1, group_size)
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> Tensor:
+    """Group-relative advantages (GRPO).
+
+    Shapes: ``rewards [B]`` (group-contiguous, ``B = P * G``) -> ``advantages [B]``.
+
+    ``A_i = r_i - mean_g(r)``, and when ``scale_by_std`` additionally divided by ``std_g(r) + eps`` with the
+    *unbiased* standard deviation (``torch.std`` default, Bessel correction 1). The group mean is the
+    critic-free baseline of GRPO; Dr. GRPO argues for ``scale_by_std=False`` because the std division
+    up-weights nearly-solved / nearly-failed prompts. An all-equal group gives exactly zero advantages in
+    both variants (enforced explicitly, so float rounding in the mean cannot leak through).
+
+    Raises ``ValueError`` if ``B`` is not a multiple of ``group_size``, or if ``scale_by_std`` and
+    ``group_size < 2`` (the unbiased std of a single sample is undefined).
+    """
+    if scale_by_std and group_size < 2:
+        raise ValueError(f"scale_by_std=True needs group_size >= 2 (unbiased std), got {group_size}")
+    grouped = _grouped(rewards, group_size)
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    # A group of identical rewards must give exactly 0 (the float mean of e.g. [0.3, 0.3, 0.3] is not
+    # exactly 0.3, and dividing that rounding error by a ~0 std would amplify it).
+    all_equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    adv = adv.masked_fill(all_equal, 0.0)
+    return adv.reshape(-1)
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int, atol: float = 1e-6) -> Tensor:
+    """Which groups have (numerically) identical rewards.
+
+    Shapes: ``rewards [B]`` (group-contiguous, ``B = P * G``) -> ``[P]`` bool.
+
+    Such groups carry no learning signal (every advantage is zero), which is what DASH's preemptive
+    sampling is designed to skip. The test is ``max - min <= atol`` rather than ``std == 0`` so it is robust
+    to float noise in the rewards (e.g. partial-credit rewards computed in float32).
+    """
+    grouped = _grouped(rewards, group_size)
+    spread = grouped.max(dim=1).values - grouped.min(dim=1).values
+    return spread <= atol
+
+
+def filter_mask(advantages: Tensor, threshold: float) -> Tensor:
+    """Keep-mask for DASH's gradient filtering.
+
+    Shapes: ``advantages [B]`` -> ``[B]`` bool.
+
+    Keeps samples with ``|A| > threshold`` (strict). The paper uses ``threshold = 0.1``, i.e. drops
+    ``|A| <= 0.1``, since such samples cost a full forward/backward but barely move the parameters.
+    ``threshold = 0`` drops exactly the zero-advantage samples; any ``threshold < 0`` keeps everything
+    (``|A| >= 0 > threshold``), which is how filtering is switched off.
+    """
+    return advantages.abs() > threshold
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-token objectives
+# --------------------------------------------------------------------------------------------------------
+
+
+def _float_mask(mask: Tensor, like: Tensor) -> Tensor:
+    if mask.shape != like.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {tuple(like.shape)}")
+    return mask.to(like.dtype)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+) -> tuple[Tensor, Tensor]:
+    """PPO clipped surrogate, per token.
+
+    Shapes: ``logprobs [B, T]``, ``old_logprobs [B, T]`` or ``None``, ``advantages [B]`` (one value per
+    sequence, broadcast over its tokens; ``[B, T]`` is accepted too), ``mask [B, T]`` ->
+    ``(per_token_loss [B, T], clip_fraction [])``.
+
+    ``ratio = exp(logprobs - old_logprobs)`` and
+    ``loss = -min(ratio * A, clip(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A)``. Separate low/high
+    epsilons allow DAPO's "clip-higher". The loss is *not* masked (padding positions hold whatever the
+    formula gives); ``aggregate_loss`` applies the mask.
+
+    ``old_logprobs=None`` means on-policy (one gradient step per batch, as in DASH): ``old = logprobs.detach()``
+    so ratio is exactly 1, nothing is clipped, and the gradient is the vanilla policy gradient
+    ``d loss / d logprobs = -A`` per token.
+
+    ``clip_fraction`` is the fraction of masked tokens on which clipping binds, i.e. the clipped term is
+    strictly the smaller one (where the token's gradient is zeroed). It is detached; 0 if the mask is empty.
+    """
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
+    if old_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"old_logprobs shape {tuple(old_logprobs.shape)} != logprobs shape {tuple(logprobs.shape)}"
+        )
+    m = _float_mask(mask, logprobs)
+    if advantages.dim() == 1:
+        if advantages.shape[0] != logprobs.shape[0]:
+            raise ValueError(f"advantages [B]={advantages.shape[0]} but logprobs has B={logprobs.shape[0]}")
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != logprobs.shape:
+        raise ValueError(f"advantages must be [B] or [B, T], got {tuple(advantages.shape)}")
+    advantages = advantages.to(logprobs.dtype)
+
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages
+    per_token_loss = -torch.minimum(unclipped, clipped)
+
+    with torch.no_grad():
+        binds = (clipped < unclipped).to(m.dtype)
+        clip_fraction = (binds * m).sum() / m.sum().clamp_min(1.0)
+    return per_token_loss, clip_fraction
+
+
+def _kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    return logprobs - ref_logprobs
+
+
+def _kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    return 0.5 * (logprobs - ref_logprobs).square()
+
+
+def _kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token estimator of ``KL(pi || ref)`` from tokens sampled from ``pi``.
+
+    Shapes: ``logprobs [B, T]``, ``ref_logprobs [B, T]`` -> ``[B, T]`` (unmasked; aggregate with
+    ``aggregate_loss`` like the policy loss).
+
+    Schulman's estimators ("Approximating KL Divergence", 2020), with ``d = logprobs - ref_logprobs``:
+
+    * ``k1 = d``: unbiased, high variance, can be negative;
+    * ``k2 = d**2 / 2``: biased, low variance, non-negative;
+    * ``k3 = exp(-d) + d - 1``: unbiased, low variance, non-negative (GRPO's choice).
+    """
+    try:
+        fn = KL_ESTIMATORS[kind]
+    except KeyError:
+        raise ValueError(f"unknown KL estimator {kind!r}; expected one of {sorted(KL_ESTIMATORS)}") from None
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(
+            f"ref_logprobs shape {tuple(ref_logprobs.shape)} != logprobs shape {tuple(logprobs.shape)}"
+        )
+    return fn(logprobs, ref_logprobs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------------------
+
+
+def global_loss_counts(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The global denominators ``aggregate_loss`` needs, computed once over a whole optimizer step.
+
+    Shapes: ``mask [B, T]`` (all kept completions of the step) -> ``(tokens [], seqs [])``.
+
+    ``tokens`` = number of masked tokens, ``seqs`` = number of sequences with at least one masked token
+    (empty sequences are excluded by ``seq_mean``). Pass them as ``global_tokens`` / ``global_seqs`` to
+    every micro-batch's ``aggregate_loss`` call.
+    """
+    m = mask.to(torch.float32) if not torch.is_floating_point(mask) else mask
+    return m.sum(), (m.sum(dim=-1) > 0).sum()
+
+
+def aggregate_loss(
+    per_token_loss: Tensor,
+    mask: Tensor,
+    mode: str = "token_mean",
+    *,
+    global_tokens: float | Tensor | None = None,
+    global_seqs: float | Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+) -> Tensor:
+    """Reduce a per-token loss to a scalar.
+
+    Shapes: ``per_token_loss [B, T]``, ``mask [B, T]`` -> ``[]``. Padding positions are excluded with
+    ``torch.where`` so non-finite values there cannot leak into the result.
+
+    Modes (``LOSS_AGG_MODES``):
+
+    * ``"token_mean"`` (DAPO): ``sum(loss * mask) / N_tokens``; every token weighs the same, so long
+      completions are not down-weighted.
+    * ``"seq_mean"`` (original GRPO): mean over sequences of each sequence's token mean; sequences with no
+      masked token are excluded.
+    * ``"constant"`` (Dr. GRPO, and the DASH paper): ``sum(loss * mask) / normalizer`` with a constant
+      ``normalizer`` (the paper uses rows x max_completion_length). Removes the length bias of the means.
+      ``normalizer`` is required for this mode.
+
+    Split invariance (micro-batching / gradient accumulation): the loop splits the kept completions of one
+    optimizer step into micro-batches and *sums* their losses (accumulates gradients). A local mean per
+    micro-batch would make the step loss depend on the split. To avoid that, pass the step's global count:
+
+    * ``global_tokens``: total masked tokens over all micro-batches of the step (``token_mean``);
+    * ``global_seqs``: total non-empty sequences over all micro-batches of the step (``seq_mean``);
+    * ``normalizer``: the step's constant (``constant``), e.g. all rows of the step x max length.
+
+    The micro-batch's *sum* (of tokens, resp. of per-sequence means) is then divided by that global count,
+    so ``sum over micro-batches of aggregate_loss(mb)`` equals ``aggregate_loss(full batch)`` exactly, value
+    and gradient. ``global_loss_counts(step_mask)`` computes ``global_tokens`` and ``global_seqs``. Counts
+    for the other modes are ignored, so a loop may always pass both. Without a global count the local one
+    is used (correct only when the step is a single micro-batch); an empty local mask then gives 0.
+    """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {LOSS_AGG_MODES}")
+    if per_token_loss.dim() != 2:
+        raise ValueError(f"per_token_loss must be [B, T], got shape {tuple(per_token_loss.shape)}")
+    m = _float_mask(mask, per_token_loss)
+    masked = torch.where(m > 0, per_token_loss, torch.zeros_like(per_token_loss)) * m
+
+    if mode == "token_mean":
+        denom = m.sum().clamp_min(1.0) if global_tokens is None else global_tokens
+        return masked.sum() / denom
+
+    if mode == "seq_mean":
+        seq_tokens = m.sum(dim=-1)
+        seq_means = masked.sum(dim=-1) / seq_tokens.clamp_min(1.0)  # empty rows contribute 0
+        if global_seqs is None:
+            denom = (seq_tokens > 0).sum().clamp_min(1).to(per_token_loss.dtype)
+        else:
+            denom = global_seqs
+        return seq_means.sum() / denom
+
+    # constant
+    if normalizer is None:
+        raise ValueError("mode='constant' needs normalizer (e.g. rows x max_completion_length of the step)")
+    return masked.sum() / normalizer
+
+
+# --------------------------------------------------------------------------------------------------------
+# Logit utilities
+# --------------------------------------------------------------------------------------------------------
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32; float32/float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _row_chunks(n: int, chunk_size: int | None) -> list[slice]:
+    if chunk_size is None or chunk_size >= n:
+        return [slice(0, n)]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int | None = 8) -> Tensor:
+    """Per-token entropy of the softmax distribution.
+
+    Shapes: ``logits [B, T, V]`` -> ``[B, T]`` in float32 (float64 if the logits are float64).
+
+    ``H = -sum_v p_v log p_v`` computed from ``log_softmax`` (never ``log(softmax)``, which underflows to
+    ``0 * -inf = nan`` for confident tokens). Work is done in (at least) float32 on ``chunk_size`` rows so a
+    bf16 ``[B, T, V]`` tensor is never upcast as a whole. Mainly a monitoring metric (entropy collapse).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    out = []
+    for rows in _row_chunks(logits.shape[0], chunk_size):
+        logp = torch.log_softmax(_upcast(logits[rows]), dim=-1)
+        out.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(out, dim=0)
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, chunk_size: int | None = 8) -> Tensor:
+    """Log-probability of given tokens.
+
+    Shapes: ``logits [B, T, V]``, ``token_ids [B, T]`` (integer) -> ``[B, T]`` in float32 (float64 if
+    the logits are float64).
+
+    ``logits[b, t]`` must be the distribution that *predicts* ``token_ids[b, t]``: for a causal LM the
+    caller shifts (``logits[:, prompt_len - 1 : -1]`` against the completion ids). Computed as
+    ``gather(logits) - logsumexp(logits)`` in (at least) float32, ``chunk_size`` rows at a time, which never
+    materialises a full-size log-softmax and keeps the float32 copy small for bf16 logits.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    if token_ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids.shape)} does not match logits [B, T] {tuple(logits.shape[:2])}"
+        )
+    ids = token_ids.long().unsqueeze(-1)
+    out = []
+    for rows in _row_chunks(logits.shape[0], chunk_size):
+        chunk = _upcast(logits[rows])
+        picked = chunk.gather(-1, ids[rows]).squeeze(-1)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out, dim=0)

@@ -1,0 +1,11 @@
+"""Rewards for RL fine-tuning: exact-answer checking of math completions."""
+
+from lit_dash.rewards.math import (
+    extract_answer,
+    has_answer,
+    math_reward,
+    math_rewards,
+    warm_up_reward_workers,
+)
+
+__all__ = ["math_reward", "math_rewards", "extract_answer", "has_answer", "warm_up_reward_workers"]
