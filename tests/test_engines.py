@@ -26,7 +26,9 @@ def test_vllm_generate_shapes_and_logprobs(tiny_engine):
         assert 1 <= len(c.token_ids) <= 8
         assert len(c.logprobs) == len(c.token_ids)
         assert all(lp <= 0.0 for lp in c.logprobs)
-        assert c.truncated == (len(c.token_ids) == 8 and c.token_ids[-1] != tiny_engine.tokenizer.eos_token_id)
+        assert c.truncated == (
+            len(c.token_ids) == 8 and c.token_ids[-1] != tiny_engine.tokenizer.eos_token_id
+        )
     assert result.tokens_per_second > 0
     assert len(result.prompt_token_ids) == 2
 

@@ -1,0 +1,8 @@
+"""Callbacks: weight sync to the engine, held-out evaluation, completion samples, timing profiles."""
+
+from lit_dash.callbacks.evaluation import MathEvaluation
+from lit_dash.callbacks.samples import CompletionSamples
+from lit_dash.callbacks.timing import TimingProfile
+from lit_dash.callbacks.weight_sync import WeightSync
+
+__all__ = ["CompletionSamples", "MathEvaluation", "TimingProfile", "WeightSync"]

@@ -1,0 +1,70 @@
+"""Held-out evaluation during training: at step 0 and every ``every_n_steps`` optimizer steps."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_dash.evaluation import EvalResult, format_results
+
+
+class MathEvaluation(L.Callback):
+    """Runs the datamodule's eval sets greedily (the same :class:`Evaluator` as ``lit-dash validate``) and
+    logs ``eval/<set>/accuracy``, ``eval/<set>/length`` etc. Keeps every result in ``history``."""
+
+    def __init__(self, every_n_steps: int = 10, at_start: bool = True, at_end: bool = True) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.at_start = at_start
+        self.at_end = at_end
+        self.history: list[tuple[int, EvalResult]] = []
+        self._last_step = -1
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.datamodule.evaluators:
+            return
+        self._last_step = step
+        start = time.perf_counter()
+        results = pl_module.evaluate()
+        seconds = time.perf_counter() - start
+        pl_module._add_time("evaluation", seconds)
+        metrics = {}
+        for r in results:
+            self.history.append((step, r))
+            metrics.update(r.metrics())
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=step)
+        rank_zero_info(f"\n[lit_dash] evaluation at step {step} ({seconds:.0f} s)\n{format_results(results)}")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.at_start:
+            self._run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end:
+            self._run(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        names = dict.fromkeys(r.name for _, r in self.history)
+        lines = []
+        for name in names:
+            first, last = self.first_and_last(name)
+            lines.append(
+                f"  {name}: {first.accuracy:.1%} -> {last.accuracy:.1%} "
+                f"({last.num_problems} problems, greedy; mean length {first.mean_completion_tokens:.0f} -> "
+                f"{last.mean_completion_tokens:.0f} tokens)"
+            )
+        if lines:
+            rank_zero_info("[lit_dash] held-out accuracy, first -> last evaluation:\n" + "\n".join(lines))
+
+    def first_and_last(self, name: str) -> tuple[EvalResult, EvalResult] | None:
+        rows = [r for _, r in self.history if r.name == name]
+        return (rows[0], rows[-1]) if rows else None

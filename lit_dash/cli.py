@@ -1,0 +1,61 @@
+"""``lit-dash``: LightningCLI over DashModule and RolloutDataModule.
+
+    lit-dash fit --config configs/demo.yaml
+    lit-dash validate --config configs/eval_gsm8k.yaml
+    lit-dash fit --config configs/demo.yaml --print_config
+
+omegaconf parser mode lets a config interpolate its own values (``${data.init_args.group_size}``).
+``--model my_pkg.MyModule`` swaps in a subclass (e.g. a new reward).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _environment() -> None:
+    # vLLM must run in this process to take weights directly; set before anything imports it.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point (``lit-dash``)."""
+    build_cli(args)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool = True):
+    """The LightningCLI object; tests call it with ``args`` to run, or to parse a config only."""
+    _environment()
+    from lightning.pytorch.cli import LightningCLI
+
+    from lit_dash.data.datamodule import RolloutDataModule
+    from lit_dash.module import DashModule
+
+    class DashCLI(LightningCLI):
+        def instantiate_classes(self) -> None:
+            if instantiate:
+                super().instantiate_classes()
+
+    return DashCLI(
+        DashModule,
+        RolloutDataModule,
+        subclass_mode_model=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args if args is not None else sys.argv[1:],
+        run=run,
+    )
+
+
+def check_config(path: str):
+    """Parse a config and build its model, datamodule and callbacks, without a Trainer, a model load or
+    an engine: the knob checks run, nothing expensive does. Returns the instantiated namespace."""
+    cli = build_cli(["--config", path], run=False, instantiate=False)
+    return cli.parser.instantiate_classes(cli.config)
+
+
+if __name__ == "__main__":
+    main()

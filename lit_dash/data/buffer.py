@@ -1,0 +1,242 @@
+"""The on-policy rollout buffer: sample, score, normalise, filter, then emit micro-batches.
+
+One call to :meth:`RolloutBuffer.collect` builds everything one optimizer step trains on. In
+``preemptive`` mode (DASH) all P x G completions come from ONE engine call; in ``per_micro_batch`` mode
+(standard GRPO) they come from one engine call per micro-batch of completions, which is what makes
+standard GRPO slow on a GPU. Both give the same kind of rollout, so the two can be compared on equal work.
+Completions whose |advantage| is at or below ``filter_threshold`` are dropped here, before any further
+forward pass, and never reach a micro-batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lit_dash import losses
+from lit_dash.data.records import Problem
+from lit_dash.engines.base import Completion, Engine, SamplingConfig
+
+ROLLOUT_MODES = ("preemptive", "per_micro_batch")
+RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
+
+
+@dataclass
+class MicroBatch:
+    """Kept completions, right-padded, ready for one forward/backward pass.
+
+    ``input_ids [b, L]`` is prompt + completion; ``completion_mask [b, L-1]`` marks the positions whose
+    *next-token* prediction is a completion token (aligned with ``logits[:, :-1]``).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    advantages: torch.Tensor
+    rows: list[int]
+
+    @property
+    def num_completions(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class Rollout:
+    """One optimizer step's worth of on-policy data and its statistics."""
+
+    problems: list[Problem]
+    prompt_token_ids: list[list[int]]
+    completions: list[Completion]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    kept: torch.Tensor
+    micro_batches: list[MicroBatch]
+    group_size: int
+    max_new_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+    engine_calls: int = 1
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.kept.sum())
+
+    def stats(self) -> dict[str, float]:
+        """Scalars for the logger: units in the names (completions, tokens, groups)."""
+        lengths = torch.tensor([len(c.token_ids) for c in self.completions], dtype=torch.float32)
+        zero_var = losses.zero_variance_groups(self.rewards, self.group_size)
+        padded = sum(mb.input_ids.numel() for mb in self.micro_batches)
+        real = sum(mb.num_tokens for mb in self.micro_batches)
+        kept_adv = self.advantages[self.kept]
+        return {
+            "reward_mean": float(self.rewards.mean()),
+            "kept_fraction": self.num_kept / len(self.completions),
+            "kept_completions": float(self.num_kept),
+            "abs_advantage_mean": float(kept_adv.abs().mean()) if len(kept_adv) else 0.0,
+            "zero_variance_group_fraction": float(zero_var.float().mean()),
+            "completion_tokens_mean": float(lengths.mean()),
+            "completion_tokens_max": float(lengths.max()),
+            "truncated_fraction": sum(c.truncated for c in self.completions) / len(self.completions),
+            "padding_fraction": 1.0 - real / padded if padded else 0.0,
+            "micro_batches": float(len(self.micro_batches)),
+            "engine_calls": float(self.engine_calls),
+        }
+
+
+@dataclass
+class RolloutBuffer:
+    """Turns P prompts into a filtered, micro-batched rollout.
+
+    Args:
+        engine: the rollout engine (vLLM in-process by default).
+        group_size: completions per prompt (G).
+        micro_batch_size: completions per micro-batch for backprop.
+        max_tokens_per_micro_batch: if set, micro-batches are packed up to this many padded tokens instead
+            of a fixed completion count (micro_batch_size still caps the count).
+        filter_threshold: drop completions with |advantage| <= this; ``None`` keeps all (standard GRPO).
+        rollout_mode: ``preemptive`` (one engine call) or ``per_micro_batch`` (one call per micro-batch).
+        scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
+    """
+
+    engine: Engine
+    sampling: SamplingConfig
+    group_size: int = 8
+    micro_batch_size: int = 8
+    max_tokens_per_micro_batch: int | None = None
+    filter_threshold: float | None = 0.1
+    rollout_mode: str = "preemptive"
+    scale_rewards: bool = True
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rollout_mode not in ROLLOUT_MODES:
+            raise ValueError(f"rollout_mode must be one of {ROLLOUT_MODES}, got {self.rollout_mode!r}")
+
+    def _generate(self, prompts: list[str]) -> tuple[list[list[int]], list[Completion], int]:
+        if self.rollout_mode == "preemptive":
+            result = self.engine.generate(prompts, self.group_size, self.sampling)
+            return result.prompt_token_ids, result.completions, 1
+        # Standard GRPO: each engine call samples one micro-batch worth of completions (whole groups).
+        prompts_per_call = max(1, self.micro_batch_size // self.group_size)
+        prompt_ids: list[list[int]] = []
+        completions: list[Completion] = []
+        calls = 0
+        for start in range(0, len(prompts), prompts_per_call):
+            result = self.engine.generate(
+                prompts[start : start + prompts_per_call], self.group_size, self.sampling
+            )
+            for c in result.completions:
+                c.prompt_index += start
+            prompt_ids += result.prompt_token_ids
+            completions += result.completions
+            calls += 1
+        return prompt_ids, completions, calls
+
+    def collect(self, problems: list[Problem], prompts: list[str], reward_fn: RewardFn) -> Rollout:
+        """Sample G completions for each prompt, score them, and keep the informative ones."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prompt_ids, completions, calls = self._generate(prompts)
+        t1 = time.perf_counter()
+        timings["generation"] = t1 - t0
+
+        per_completion_problems = [problems[c.prompt_index] for c in completions]
+        rewards = reward_fn([c.text for c in completions], per_completion_problems)
+        rewards = check_rewards(rewards, len(completions), completions, per_completion_problems)
+        t2 = time.perf_counter()
+        timings["reward"] = t2 - t1
+
+        advantages = losses.group_advantages(rewards, self.group_size, scale_by_std=self.scale_rewards)
+        if self.filter_threshold is None:
+            kept = torch.ones_like(rewards, dtype=torch.bool)
+        else:
+            kept = losses.filter_mask(advantages, self.filter_threshold)
+        rows = [i for i in range(len(completions)) if kept[i]]
+        micro_batches = self._micro_batches(rows, prompt_ids, completions, advantages)
+        timings["filtering"] = time.perf_counter() - t2
+        return Rollout(
+            problems=problems,
+            prompt_token_ids=prompt_ids,
+            completions=completions,
+            rewards=rewards,
+            advantages=advantages,
+            kept=kept,
+            micro_batches=micro_batches,
+            group_size=self.group_size,
+            max_new_tokens=self.sampling.max_new_tokens,
+            timings=timings,
+            engine_calls=calls,
+        )
+
+    def _micro_batches(
+        self,
+        rows: list[int],
+        prompt_ids: list[list[int]],
+        completions: list[Completion],
+        advantages: torch.Tensor,
+    ) -> list[MicroBatch]:
+        """Sort kept rows by total length and cut them into micro-batches, so little is padded."""
+        length = {
+            r: len(prompt_ids[completions[r].prompt_index]) + len(completions[r].token_ids) for r in rows
+        }
+        ordered = sorted(rows, key=lambda r: length[r])
+        groups: list[list[int]] = []
+        for r in ordered:
+            if groups:
+                current = groups[-1]
+                width = max(length[r], max(length[x] for x in current))
+                fits_tokens = (
+                    self.max_tokens_per_micro_batch is None
+                    or width * (len(current) + 1) <= self.max_tokens_per_micro_batch
+                )
+                if len(current) < self.micro_batch_size and fits_tokens:
+                    current.append(r)
+                    continue
+            groups.append([r])
+        return [self._pad(g, prompt_ids, completions, advantages) for g in groups]
+
+    def _pad(
+        self,
+        rows: list[int],
+        prompt_ids: list[list[int]],
+        completions: list[Completion],
+        advantages: torch.Tensor,
+    ) -> MicroBatch:
+        seqs = [(prompt_ids[completions[r].prompt_index], completions[r].token_ids) for r in rows]
+        width = max(len(p) + len(c) for p, c in seqs)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        completion_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
+        for i, (p, c) in enumerate(seqs):
+            input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            attention[i, : len(p) + len(c)] = 1
+            completion_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
+        return MicroBatch(input_ids, attention, completion_mask, advantages[rows].clone(), rows)
+
+
+class RewardError(RuntimeError):
+    """A reward function returned something training cannot use."""
+
+
+def check_rewards(
+    rewards: Sequence[float], expected: int, completions: list[Completion], problems: list[Problem]
+) -> torch.Tensor:
+    """Refuse a wrong count or a non-finite reward, naming the sample, instead of training on garbage."""
+    values = list(rewards)
+    if len(values) != expected:
+        raise RewardError(f"reward returned {len(values)} values for {expected} completions")
+    out = torch.tensor([float(v) for v in values], dtype=torch.float32)
+    bad = (~torch.isfinite(out)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise RewardError(
+            f"reward returned {values[i]} for completion {i} of problem {problems[i].source_id!r} "
+            f"(completion text starts {completions[i].text[:80]!r}); rewards must be finite numbers"
+        )
+    return out

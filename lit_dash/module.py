@@ -1,0 +1,380 @@
+"""The LightningModule: policy (trainable), frozen reference (only when kl_coef > 0), the reward hook,
+and one optimizer step per rollout (DASH), or K passes / S mini-batch steps (PPO "multi" / "mini").
+
+Optimisation is manual because the number of micro-batches that survive filtering changes every step.
+The loss of a step is normalised by step-wide counts, so it is the same however the kept completions
+were split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from transformers import AutoModelForCausalLM
+
+from lit_dash import losses
+from lit_dash.data.buffer import MicroBatch, Rollout
+from lit_dash.data.records import Problem
+from lit_dash.evaluation import EvalResult, summarize, write_jsonl
+from lit_dash.hardware import resolve_dtype
+from lit_dash.models import check_model_name, resolve_model
+from lit_dash.rewards import math_rewards
+
+UPDATE_MODES = ("dash", "multi", "mini")
+
+
+class DashModule(L.LightningModule):
+    """GRPO-family policy optimisation with DASH's one-step-per-rollout update.
+
+    Args:
+        model: alias (smollm2-135m-instruct, tiny-llama), local transformers folder, or hub id.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up (optimizer steps).
+        lr_schedule: linear (decay to 0 at trainer.max_steps) or constant.
+        max_grad_norm: gradient-norm clip; null disables.
+        kl_coef: weight of the KL penalty to the frozen initial model; 0 loads no reference model.
+        kl_estimator: k1, k2 or k3 (per token).
+        loss_agg: constant (Dr. GRPO / the paper: sum / (kept completions x max_new_tokens)),
+            token_mean (DAPO) or seq_mean (GRPO).
+        scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
+        clip_eps_low: PPO ratio clip below 1 (only binds off-policy: multi / mini).
+        clip_eps_high: PPO ratio clip above 1 (DAPO clip-higher when larger than clip_eps_low).
+        update: dash (one optimizer step per rollout), multi (ppo_epochs passes over the rollout, one step
+            each) or mini (ppo_mini_batches optimizer steps, each on a slice of the rollout).
+        ppo_epochs: passes for update=multi.
+        ppo_mini_batches: optimizer steps per rollout for update=mini.
+        precision: auto (bf16 autocast where the hardware has native bf16, else fp32), bfloat16 or float32.
+            Weights stay fp32 (master weights) either way.
+        gradient_checkpointing: trade compute for activation memory.
+        seed: engine and prompt-order seed; null uses seed_everything's.
+        model_cache: where converted models are cached (default ~/.cache/lit_dash or $LIT_DASH_CACHE).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "linear",
+        max_grad_norm: float | None = 1.0,
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        loss_agg: str = "constant",
+        scale_rewards: bool = True,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        update: str = "dash",
+        ppo_epochs: int = 1,
+        ppo_mini_batches: int = 1,
+        precision: str = "auto",
+        gradient_checkpointing: bool = False,
+        seed: int | None = None,
+        model_cache: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        errors = []
+        if kl_coef < 0:
+            errors.append(f"kl_coef must be >= 0, got {kl_coef}")
+        if kl_estimator not in losses.KL_ESTIMATORS:
+            errors.append(f"kl_estimator must be one of {tuple(losses.KL_ESTIMATORS)}, got {kl_estimator!r}")
+        if loss_agg not in losses.LOSS_AGG_MODES:
+            errors.append(f"loss_agg must be one of {losses.LOSS_AGG_MODES}, got {loss_agg!r}")
+        if update not in UPDATE_MODES:
+            errors.append(f"update must be one of {UPDATE_MODES}, got {update!r}")
+        if lr_schedule not in ("linear", "constant"):
+            errors.append(f"lr_schedule must be linear or constant, got {lr_schedule!r}")
+        if ppo_epochs < 1 or ppo_mini_batches < 1:
+            errors.append("ppo_epochs and ppo_mini_batches must be >= 1")
+        if errors:
+            raise ValueError("model configuration: " + "; ".join(errors))
+        check_model_name(model)  # unknown alias / missing path: fail before anything is loaded
+        self.model_name = model
+        self.lr = lr
+        self.kl_coef = kl_coef
+        self.scale_rewards = scale_rewards
+        self.seed = seed
+        self.automatic_optimization = False
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self.skipped_steps = 0
+        self.last_rollout: Rollout | None = None
+        self.phase_seconds: dict[str, float] = {}
+        self._val_records: dict[str, list[dict]] = {}
+        self._resolved: str | None = None
+
+    # ---- models -------------------------------------------------------------------------------------
+
+    def model_path(self) -> str:
+        if self._resolved is None:
+            self._resolved = resolve_model(self.model_name, self.hparams.model_cache)
+        return self._resolved
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.policy = AutoModelForCausalLM.from_pretrained(self.model_path(), dtype=torch.float32)
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.policy.config.use_cache = False
+        if self.kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(self.model_path(), dtype=torch.float32)
+            self.reference.requires_grad_(False).eval()
+
+    def _autocast(self):
+        dtype = resolve_dtype(self.hparams.precision, self.device)
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---- the reward hook ----------------------------------------------------------------------------
+
+    def reward(self, completions: list[str], problems: list[Problem]) -> Sequence[float]:
+        """Score each completion (one float each). Override in a subclass for a new reward.
+
+        ``problems[i]`` is the problem completion i answers (reference in ``.answer``, extra columns in
+        ``.extra``). The default is 1.0 when the last ``\\boxed{}`` is equivalent to the reference.
+        """
+        return math_rewards(completions, [p.answer for p in problems])
+
+    # ---- optimisation -------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        warmup = self.hparams.warmup_steps
+        linear = self.hparams.lr_schedule == "linear" and total is not None
+
+        def factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if linear:
+                return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def completion_logits(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at completion positions only, ``[N, V]`` for the N completion tokens, and their targets.
+
+        The vocabulary projection and log-softmax dominate a small model's step (49k vocab); prompt
+        positions never need them, so the LM head runs on the N completion positions alone.
+        """
+        ids = mb.input_ids.to(self.device)
+        with self._autocast():
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mb.attention_mask.to(self.device))
+            positions = mb.completion_mask.to(self.device) > 0
+            logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][positions])
+        return logits, ids[:, 1:][positions]
+
+    def _scatter(self, values: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        out = values.new_zeros(mb.completion_mask.shape, device=self.device)
+        out[mb.completion_mask.to(self.device) > 0] = values
+        return out
+
+    def forward(self, micro_batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies, ``[b, L-1]``, zero outside the completion positions."""
+        logits, targets = self.completion_logits(self.policy, micro_batch)
+        logprobs = losses.token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]
+        with torch.no_grad():
+            entropy = losses.entropy_from_logits(logits.detach().unsqueeze(0))[0]
+        return self._scatter(logprobs, micro_batch), self._scatter(entropy, micro_batch)
+
+    @torch.no_grad()
+    def _logprobs_of(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+        logits, targets = self.completion_logits(model, mb)
+        return self._scatter(losses.token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0], mb)
+
+    def _add_time(self, phase: str, seconds: float) -> None:
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
+
+    def step_counts(self, micro_batches: list[MicroBatch], max_new_tokens: int) -> dict[str, float]:
+        """Step-wide denominators, so the loss does not depend on how the step is split into micro-batches."""
+        masks = [mb.completion_mask for mb in micro_batches]
+        seqs = float(sum(int((m.sum(-1) > 0).sum()) for m in masks))
+        return {
+            "global_tokens": float(sum(m.sum() for m in masks)),
+            "global_seqs": seqs,
+            "normalizer": seqs * max_new_tokens,
+        }
+
+    def micro_batch_loss(
+        self,
+        mb: MicroBatch,
+        counts: dict[str, float],
+        old_logprobs: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step loss (summing over the step's micro-batches gives the step
+        loss), and its share of the logged statistics."""
+        hp = self.hparams
+        mask = mb.completion_mask.to(self.device)
+        logprobs, entropy = self(mb)
+        per_token, clip_frac = losses.policy_loss(
+            logprobs, old_logprobs, mb.advantages.to(self.device), mask, hp.clip_eps_low, hp.clip_eps_high
+        )
+        share = float(mask.sum()) / max(counts["global_tokens"], 1.0)
+        stats = {
+            "clip_fraction": float(clip_frac) * share,
+            "entropy": float((entropy * mask).sum()) / max(counts["global_tokens"], 1.0),
+            "kl": 0.0,
+        }
+        if self.kl_coef > 0:
+            kl = losses.kl_penalty(logprobs, ref_logprobs, hp.kl_estimator)
+            per_token = per_token + self.kl_coef * kl
+            stats["kl"] = float((kl.detach() * mask).sum()) / max(counts["global_tokens"], 1.0)
+        loss = losses.aggregate_loss(per_token, mask, hp.loss_agg, **counts)
+        stats["loss"] = float(loss.detach())
+        return loss, stats
+
+    def _accumulate(self, micro_batches: list[MicroBatch], old: list | None, ref: list) -> dict[str, float]:
+        """Forward + backward over micro-batches, normalised by the counts of all of them together."""
+        counts = self.step_counts(micro_batches, self.trainer.datamodule.sampling.max_new_tokens)
+        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        for i, mb in enumerate(micro_batches):
+            loss, stats = self.micro_batch_loss(mb, counts, old[i] if old is not None else None, ref[i])
+            self.manual_backward(loss)
+            for key, value in stats.items():
+                totals[key] += value
+        return totals
+
+    def _optimizer_step(self) -> float:
+        optimizer = self.optimizers()
+        start = time.perf_counter()
+        grad_norm = float("nan")
+        if self.hparams.max_grad_norm is not None:
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        self._add_time("optimizer", time.perf_counter() - start)
+        return grad_norm
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a batch is a list of Problems (text), not tensors; rollouts move themselves
+
+    def training_step(self, problems: list[Problem], batch_idx: int) -> None:
+        self.phase_seconds = {}
+        rollout = self.trainer.datamodule.rollout(problems, self.reward)
+        self.last_rollout = rollout
+        for phase, seconds in rollout.timings.items():
+            self._add_time(phase, seconds)
+        stats = {f"train/{k}": v for k, v in rollout.stats().items()}
+        stats["train/accuracy"] = float((rollout.rewards >= 1.0).float().mean())
+
+        if not rollout.micro_batches:
+            # Nothing informative survived filtering: a counted no-op step. All grads are None, so
+            # AdamW leaves every weight untouched; stepping keeps Lightning's step count honest.
+            self.skipped_steps += 1
+            self.optimizers().zero_grad(set_to_none=True)
+            self._optimizer_step()
+            self._log_step(
+                stats, {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}, float("nan")
+            )
+            return
+
+        start = time.perf_counter()
+        ref = {}
+        if self.kl_coef > 0:
+            ref = {i: self._logprobs_of(self.reference, mb) for i, mb in enumerate(rollout.micro_batches)}
+        old = None
+        if self.hparams.update != "dash":  # PPO: the ratio is taken against the sampling-time policy
+            old = {i: self._logprobs_of(self.policy, mb) for i, mb in enumerate(rollout.micro_batches)}
+        self._add_time("ref_old_logprobs", time.perf_counter() - start)
+
+        plan = self._update_plan(len(rollout.micro_batches))
+        for chunk in plan:
+            start = time.perf_counter()
+            mbs = [rollout.micro_batches[i] for i in chunk]
+            totals = self._accumulate(
+                mbs, [old[i] for i in chunk] if old is not None else None, [ref.get(i) for i in chunk]
+            )
+            self._add_time("forward_backward", time.perf_counter() - start)
+            grad_norm = self._optimizer_step()
+        self._log_step(stats, totals, grad_norm)
+
+    def _update_plan(self, num_micro_batches: int) -> list[list[int]]:
+        """Which micro-batches each optimizer step of this rollout accumulates over."""
+        everything = list(range(num_micro_batches))
+        if self.hparams.update == "dash":
+            return [everything]
+        if self.hparams.update == "multi":
+            return [everything] * self.hparams.ppo_epochs
+        s = min(self.hparams.ppo_mini_batches, num_micro_batches)
+        return [everything[k::s] for k in range(s)]
+
+    def _log_step(self, stats: dict[str, float], totals: dict[str, float], grad_norm: float) -> None:
+        metrics = dict(stats)
+        metrics.update({f"train/{k}": v for k, v in totals.items()})
+        metrics["train/grad_norm"] = grad_norm
+        metrics["train/lr"] = self.lr_schedulers().get_last_lr()[0]
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        self.log("reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=1)
+        self.log("kept", stats["train/kept_fraction"], prog_bar=True, logger=False, batch_size=1)
+
+    # ---- validation (lit-dash validate) ---------------------------------------------------------------
+
+    def validation_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> None:
+        dm = self.trainer.datamodule
+        name = list(dm.evaluators)[dataloader_idx]
+        records = dm.evaluators[name].score_batch(dm.engine, problems, self.reward)
+        self._val_records.setdefault(name, []).extend(records)
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.collect_eval_results(self._val_records, tag="validate")
+        for result in results:
+            for key, value in result.metrics().items():
+                self.log(key, value, add_dataloader_idx=False, batch_size=1)
+        self._val_records = {}
+
+    def collect_eval_results(self, records_by_set: dict[str, list[dict]], tag: str) -> list[EvalResult]:
+        """Summarise evaluation records and write them as JSONL next to the logs."""
+        results = []
+        log_dir = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
+        for name, records in records_by_set.items():
+            write_jsonl(records, f"{log_dir}/eval/{name}_{tag}_step{self.global_step}.jsonl")
+            results.append(summarize(name, records))
+        return results
+
+    def configure_callbacks(self):
+        """Weight sync is not optional: without it the engine keeps sampling from the initial weights."""
+        from lit_dash.callbacks.weight_sync import WeightSync
+
+        if any(isinstance(c, WeightSync) for c in self.trainer.callbacks):
+            return []
+        return [WeightSync()]
+
+    def evaluate(self) -> list[EvalResult]:
+        """Greedy evaluation on every eval set of the datamodule (used by the evaluation callback)."""
+        from lit_dash.callbacks.weight_sync import WeightSync
+
+        for callback in self.trainer.callbacks:  # whatever the callback order, evaluate the current weights
+            if isinstance(callback, WeightSync) and callback.synced_step != self.global_step:
+                callback.sync(self.trainer, self)
+        dm = self.trainer.datamodule
+        records = {}
+        for name, evaluator in dm.evaluators.items():
+            records[name] = []
+            for start in range(0, len(evaluator.problems), evaluator.batch_size):
+                records[name] += evaluator.score_batch(
+                    dm.engine, evaluator.problems[start : start + evaluator.batch_size], self.reward
+                )
+        return self.collect_eval_results(records, tag="fit")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_dash"] = {"skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("lit_dash", {}).get("skipped_steps", 0)
+        self.configure_model()

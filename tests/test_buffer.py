@@ -1,0 +1,96 @@
+"""The rollout buffer on the real vLLM engine (tiny model): grouping, advantages, filtering, micro-batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_dash.data.buffer import RewardError, RolloutBuffer
+from lit_dash.data.records import Problem
+from lit_dash.engines import SamplingConfig
+
+PROBLEMS = [Problem(question=f"What is {i} + 1?", answer=str(i + 1), source_id=f"t:{i}") for i in range(4)]
+PROMPTS = [p.question for p in PROBLEMS]
+
+
+def parity_reward(completions, problems):
+    """Deterministic given the text: 1.0 when the completion has an even number of characters."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def _buffer(engine, **kw):
+    defaults = dict(
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=12), group_size=4, micro_batch_size=3
+    )
+    defaults.update(kw)
+    return RolloutBuffer(engine=engine, **defaults)
+
+
+def test_rollout_groups_advantages_and_filtering(tiny_engine):
+    rollout = _buffer(tiny_engine, filter_threshold=0.1).collect(PROBLEMS, PROMPTS, parity_reward)
+    assert len(rollout.completions) == 16
+    assert [c.prompt_index for c in rollout.completions] == [i for i in range(4) for _ in range(4)]
+    expected_rewards = torch.tensor(parity_reward([c.text for c in rollout.completions], None))
+    torch.testing.assert_close(rollout.rewards, expected_rewards)
+    for g in range(4):
+        r = rollout.rewards[4 * g : 4 * g + 4]
+        a = rollout.advantages[4 * g : 4 * g + 4]
+        if r.max() == r.min():
+            assert torch.all(a == 0) and not rollout.kept[4 * g : 4 * g + 4].any()
+        else:
+            torch.testing.assert_close(a, (r - r.mean()) / (r.std() + 1e-4))
+            assert rollout.kept[4 * g : 4 * g + 4].all()
+    kept_rows = sorted(row for mb in rollout.micro_batches for row in mb.rows)
+    assert kept_rows == rollout.kept.nonzero().flatten().tolist()
+    assert all(mb.num_completions <= 3 for mb in rollout.micro_batches)
+
+
+def test_micro_batch_masks_line_up_with_completion_tokens(tiny_engine):
+    rollout = _buffer(tiny_engine, filter_threshold=None).collect(PROBLEMS, PROMPTS, parity_reward)
+    widths = [mb.input_ids.shape[1] for mb in rollout.micro_batches]
+    assert widths == sorted(widths), "micro-batches are length-sorted"
+    for mb in rollout.micro_batches:
+        for i, row in enumerate(mb.rows):
+            completion = rollout.completions[row].token_ids
+            positions = mb.completion_mask[i].nonzero().flatten()
+            assert len(positions) == len(completion)
+            # mask position t predicts token t+1 of the sequence: those tokens are exactly the completion
+            assert mb.input_ids[i, positions + 1].tolist() == completion
+            assert float(mb.advantages[i]) == float(rollout.advantages[row])
+
+
+def test_nothing_survives_when_every_group_is_constant(tiny_engine):
+    rollout = _buffer(tiny_engine, filter_threshold=0.1).collect(
+        PROBLEMS, PROMPTS, lambda c, p: [1.0] * len(c)
+    )
+    assert rollout.num_kept == 0 and rollout.micro_batches == []
+    stats = rollout.stats()
+    assert stats["kept_fraction"] == 0.0 and stats["zero_variance_group_fraction"] == 1.0
+
+
+def test_per_micro_batch_mode_makes_one_engine_call_per_micro_batch(tiny_engine):
+    rollout = _buffer(
+        tiny_engine, rollout_mode="per_micro_batch", micro_batch_size=8, filter_threshold=None
+    ).collect(PROBLEMS, PROMPTS, parity_reward)
+    assert rollout.engine_calls == 2  # 16 completions, 8 per call, whole groups of 4
+    assert [c.prompt_index for c in rollout.completions] == [i for i in range(4) for _ in range(4)]
+
+
+def test_token_budget_caps_padded_tokens(tiny_engine):
+    rollout = _buffer(
+        tiny_engine, filter_threshold=None, micro_batch_size=16, max_tokens_per_micro_batch=40
+    ).collect(PROBLEMS, PROMPTS, parity_reward)
+    for mb in rollout.micro_batches:
+        assert mb.input_ids.numel() <= 40 or mb.num_completions == 1
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda c, p: [1.0], "returned 1 values for 16"),
+        (lambda c, p: [float("nan")] * len(c), "returned nan"),
+    ],
+)
+def test_bad_rewards_stop_with_a_message(tiny_engine, bad, match):
+    with pytest.raises(RewardError, match=match):
+        _buffer(tiny_engine).collect(PROBLEMS, PROMPTS, bad)
