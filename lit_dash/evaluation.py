@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lit_dash.data.formatting import format_prompts
+from lit_dash.data.formatting import INSTRUCTION, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Engine, SamplingConfig
 from lit_dash.rewards import extract_answer, math_rewards
@@ -57,18 +57,26 @@ class Evaluator:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         batch_size: int = 256,
+        instruction: str = INSTRUCTION,
+        last_number_fallback: bool = False,
     ) -> None:
         self.name = name
         self.problems = problems
         self.prompt_style = prompt_style
         self.sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
         self.batch_size = batch_size
+        self.instruction = instruction
+        self.last_number_fallback = (
+            last_number_fallback  # only for the "extracted" column; scores come from reward_fn
+        )
 
     def score_batch(
         self, engine: Engine, problems: list[Problem], reward_fn: RewardFn = default_reward
     ) -> list[dict]:
         """Generate one completion per problem and return one record per problem (for JSONL)."""
-        prompts = format_prompts(problems, engine.tokenizer, style=self.prompt_style)
+        prompts = format_prompts(
+            problems, engine.tokenizer, style=self.prompt_style, instruction=self.instruction
+        )
         result = engine.generate(prompts, 1, self.sampling)
         texts = [c.text for c in result.completions]
         rewards = list(reward_fn(texts, problems))
@@ -77,15 +85,16 @@ class Evaluator:
             {
                 "source_id": p.source_id,
                 "question": p.question,
+                "prompt": prompt,
                 "reference": p.answer,
                 "completion": c.text,
-                "extracted": extract_answer(c.text),
+                "extracted": extract_answer(c.text, self.last_number_fallback),
                 "reward": float(r),
                 "completion_tokens": len(c.token_ids),
                 "truncated": c.truncated,
                 "seconds": seconds_each,
             }
-            for p, c, r in zip(problems, result.completions, rewards, strict=True)
+            for p, prompt, c, r in zip(problems, prompts, result.completions, rewards, strict=True)
         ]
 
     def run(

@@ -51,6 +51,8 @@ class DashModule(L.LightningModule):
         precision: auto (bf16 autocast where the hardware has native bf16, else fp32), bfloat16 or float32.
             Weights stay fp32 (master weights) either way.
         gradient_checkpointing: trade compute for activation memory.
+        answer_fallback: the default reward also accepts the last number of a completion with no
+            ``\\boxed{}`` answer (off in the paper's recipes; on in the demo, for a 135M model that rarely boxes).
         seed: engine and prompt-order seed; null uses seed_everything's.
         model_cache: where converted models are cached (default ~/.cache/lit_dash or $LIT_DASH_CACHE).
     """
@@ -74,6 +76,7 @@ class DashModule(L.LightningModule):
         ppo_mini_batches: int = 1,
         precision: str = "auto",
         gradient_checkpointing: bool = False,
+        answer_fallback: bool = False,
         seed: int | None = None,
         model_cache: str | None = None,
     ) -> None:
@@ -99,6 +102,8 @@ class DashModule(L.LightningModule):
         self.lr = lr
         self.kl_coef = kl_coef
         self.scale_rewards = scale_rewards
+        # not self.hparams.update: hparams is a dict, and .update is dict.update (a bound method, never "dash")
+        self.update_mode = update
         self.seed = seed
         self.automatic_optimization = False
         self.policy: torch.nn.Module | None = None
@@ -141,7 +146,9 @@ class DashModule(L.LightningModule):
         ``problems[i]`` is the problem completion i answers (reference in ``.answer``, extra columns in
         ``.extra``). The default is 1.0 when the last ``\\boxed{}`` is equivalent to the reference.
         """
-        return math_rewards(completions, [p.answer for p in problems])
+        return math_rewards(
+            completions, [p.answer for p in problems], last_number_fallback=self.hparams.answer_fallback
+        )
 
     # ---- optimisation -------------------------------------------------------------------------------
 
@@ -288,7 +295,7 @@ class DashModule(L.LightningModule):
         if self.kl_coef > 0:
             ref = {i: self._logprobs_of(self.reference, mb) for i, mb in enumerate(rollout.micro_batches)}
         old = None
-        if self.hparams.update != "dash":  # PPO: the ratio is taken against the sampling-time policy
+        if self.update_mode != "dash":  # PPO: the ratio is taken against the sampling-time policy
             old = {i: self._logprobs_of(self.policy, mb) for i, mb in enumerate(rollout.micro_batches)}
         self._add_time("ref_old_logprobs", time.perf_counter() - start)
 
@@ -306,9 +313,9 @@ class DashModule(L.LightningModule):
     def _update_plan(self, num_micro_batches: int) -> list[list[int]]:
         """Which micro-batches each optimizer step of this rollout accumulates over."""
         everything = list(range(num_micro_batches))
-        if self.hparams.update == "dash":
+        if self.update_mode == "dash":
             return [everything]
-        if self.hparams.update == "multi":
+        if self.update_mode == "multi":
             return [everything] * self.hparams.ppo_epochs
         s = min(self.hparams.ppo_mini_batches, num_micro_batches)
         return [everything[k::s] for k in range(s)]

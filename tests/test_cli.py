@@ -45,6 +45,7 @@ def test_two_step_fit_through_the_cli(tmp_path, tiny_engine):
     assert len(evals) == 3  # step 0, 1, 2
     record = json.loads(evals[0].read_text().splitlines()[0])
     assert {"question", "reference", "completion", "reward", "completion_tokens"} <= set(record)
+    assert "Answer in one line." in record["prompt"]  # eval prompts use the configured instruction
     assert trainer.callback_metrics["train/kept_fraction"] == 1.0  # filtering is off in tiny.yaml
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert module.skipped_steps == 0

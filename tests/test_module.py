@@ -101,3 +101,16 @@ def test_custom_reward_subclass_changes_the_reward():
     rewards = module.reward(["so \\boxed{2}", "hmm \\boxed{3}", "no answer"], problems)
     assert list(rewards) == [1.0, 0.25, 0.0]
     assert list(DashModule.reward(module, ["hmm \\boxed{3}"], problems[:1])) == [0.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, plan",
+    [
+        ({"update": "dash"}, [[0, 1, 2]]),  # one optimizer step over every kept micro-batch
+        ({"update": "multi", "ppo_epochs": 2}, [[0, 1, 2], [0, 1, 2]]),  # K passes, one step each
+        ({"update": "mini", "ppo_mini_batches": 2}, [[0, 2], [1]]),  # S steps on disjoint slices
+    ],
+)
+def test_update_plan_per_mode(kwargs, plan):
+    module = DashModule(model="tiny-llama", **kwargs)
+    assert module._update_plan(3) == plan

@@ -233,3 +233,27 @@ def test_batched_duplicates_and_validation():
     assert math_rewards([], []) == []
     with pytest.raises(ValueError, match="2 completions but 1 references"):
         math_rewards(["a", "b"], ["a"])
+
+
+# ------------------------------------------------------------------ last-number fallback (demo reward)
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("16 + 11 = 27\n\nThe answer is within \\boxed{}.", "27"),  # empty box: fall back to the last number
+        ("So we get \\boxed{5}, not 7", "5"),  # a real box always wins
+        ("In total 1,000 apples.", "1,000"),
+        ("It is -3.5 degrees", "-3.5"),
+        ("no digits here", None),
+    ],
+)
+def test_last_number_fallback_extraction(completion, expected):
+    assert extract_answer(completion, last_number_fallback=True) == expected
+
+
+def test_fallback_is_off_by_default_and_scores_when_on():
+    completions = ["16 + 11 = 27", "16 + 11 = 28", "so 1,000."]
+    references = ["27", "27", "1000"]
+    assert math_rewards(completions, references) == [0.0, 0.0, 0.0]  # the paper's rule: boxed only
+    assert math_rewards(completions, references, last_number_fallback=True) == [1.0, 0.0, 1.0]

@@ -23,6 +23,9 @@ PHASES = (
 class TimingProfile(L.Callback):
     """Collects the phase seconds the module and callbacks record; ``other`` is step time not in a phase.
 
+    A step's row spans from its batch start to the next one (or the end of training), so it includes the
+    weight sync and evaluation that callbacks run after the optimizer step.
+
     Args:
         filename: CSV written under the trainer's log_dir, one row per optimizer step.
     """
@@ -31,16 +34,27 @@ class TimingProfile(L.Callback):
         self.filename = filename
         self.rows: list[dict[str, float]] = []
         self._start = 0.0
+        self._pending_step: int | None = None
         self.path: Path | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._finish(trainer, pl_module)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Runs after the callbacks listed before it (weight sync, evaluation), so list it last.
+        # Other callbacks (weight sync, evaluation) may run after this one in the same hook, so the row is
+        # completed at the next step's start (or at train end), whatever the callback order.
+        self._pending_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._finish(trainer, pl_module)
+
+    def _finish(self, trainer, pl_module) -> None:
+        if self._pending_step is None:
+            return
         total = time.perf_counter() - self._start
         phases = dict(getattr(pl_module, "phase_seconds", {}))
-        row = {"step": float(trainer.global_step), "total": total}
+        row = {"step": float(self._pending_step), "total": total}
         row.update({p: phases.get(p, 0.0) for p in PHASES})
         row["other"] = max(0.0, total - sum(row[p] for p in PHASES))
         rollout = getattr(pl_module, "last_rollout", None)
@@ -48,15 +62,14 @@ class TimingProfile(L.Callback):
             gen = max(phases.get("generation", 0.0), 1e-9)
             row["generation_tokens_per_s"] = sum(len(c.token_ids) for c in rollout.completions) / gen
             trained = sum(mb.num_tokens for mb in rollout.micro_batches)
-            row["train_tokens_per_s"] = (
-                trained / max(phases.get("forward_backward", 0.0), 1e-9) if trained else 0.0
-            )
+            fb = phases.get("forward_backward", 0.0)
+            row["train_tokens_per_s"] = trained / fb if trained and fb > 0 else 0.0
             row["kept_completions"] = float(rollout.num_kept)
         self.rows.append(row)
         if trainer.logger is not None:
-            trainer.logger.log_metrics(
-                {f"time/{k}": v for k, v in row.items() if k != "step"}, step=trainer.global_step
-            )
+            metrics = {f"time/{k}": v for k, v in row.items() if k != "step"}
+            trainer.logger.log_metrics(metrics, step=self._pending_step)
+        self._pending_step = None
         self._write(trainer)
 
     def _write(self, trainer) -> None:

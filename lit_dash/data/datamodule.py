@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_dash.data.buffer import ROLLOUT_MODES, Rollout, RolloutBuffer
-from lit_dash.data.formatting import PROMPT_STYLES, format_prompts
+from lit_dash.data.formatting import INSTRUCTION, PROMPT_STYLES, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.data.sources import DataError, load_problems
 from lit_dash.engines import ENGINE_KINDS, Engine, SamplingConfig, build_engine
@@ -121,6 +121,8 @@ class RolloutDataModule(L.LightningDataModule):
         eval_sets: held-out sets by name, evaluated greedily (eval/<name>/accuracy).
         prompt_style: chat (the model's chat template + boxed instruction) or raw (the problem text, as in
             the paper).
+        instruction: the line after the question in chat style (a small model is sensitive to it: "Please
+            reason step by step" makes SmolLM2-135M ramble past a short token budget).
         prompts_per_rollout: prompts (P) sampled per optimizer step.
         group_size: completions per prompt (G); a rollout holds P x G completions.
         micro_batch_size: completions per backward pass.
@@ -140,6 +142,7 @@ class RolloutDataModule(L.LightningDataModule):
         train: ProblemSource | None = None,
         eval_sets: dict[str, ProblemSource] | None = None,
         prompt_style: str = "chat",
+        instruction: str = INSTRUCTION,
         prompts_per_rollout: int = 16,
         group_size: int = 8,
         micro_batch_size: int = 8,
@@ -156,6 +159,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.train_source = train or ProblemSource()
         self.eval_sources = dict(eval_sets or {})
         self.prompt_style = prompt_style
+        self.instruction = instruction
         self.prompts_per_rollout = prompts_per_rollout
         self.group_size = group_size
         self.micro_batch_size = micro_batch_size
@@ -218,6 +222,8 @@ class RolloutDataModule(L.LightningDataModule):
                     self.prompt_style,
                     self.eval_max_new_tokens,
                     batch_size=self.eval_batch_size,
+                    instruction=self.instruction,
+                    last_number_fallback=self._module_flag("answer_fallback"),
                 )
         if self.engine is None:
             self.engine = self._start_engine()
@@ -236,6 +242,10 @@ class RolloutDataModule(L.LightningDataModule):
                 else True,
                 pad_token_id=self.engine.tokenizer.pad_token_id or 0,
             )
+
+    def _module_flag(self, name: str) -> bool:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(getattr(module, "hparams", {}), name, False)) if module is not None else False
 
     def _start_engine(self) -> Engine:
         module = self.trainer.lightning_module if self.trainer else None
@@ -260,7 +270,7 @@ class RolloutDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def _drop_long_prompts(self, problems: list[Problem]) -> list[Problem]:
-        prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style)
+        prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
         kept = [
             p
             for p, text in zip(problems, prompts, strict=True)
@@ -306,7 +316,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     def rollout(self, problems: list[Problem], reward_fn) -> Rollout:
         """Sample, score, normalise and filter one optimizer step's data (called by the training step)."""
-        prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style)
+        prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
         return self.buffer.collect(problems, prompts, reward_fn)
 
     def state_dict(self) -> dict:

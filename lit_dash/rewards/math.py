@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -60,9 +61,21 @@ _STARTUP_TIMEOUT_S = 120.0  # a worker that is not ready by then means a broken 
 _POLL_S = 0.05  # how often a caller with work left looks for workers freed by other threads
 
 
-def extract_answer(completion: str) -> str | None:
-    """The final answer a completion commits to: its last ``\\boxed{}`` content, or ``None``."""
-    return last_boxed(completion) or None
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(completion: str, last_number_fallback: bool = False) -> str | None:
+    """The final answer a completion commits to: its last ``\\boxed{}`` content, or ``None``.
+
+    With ``last_number_fallback`` a completion without a (non-empty) box answers with its last number,
+    the "last number matches" rule GSM8K-style evaluations use; a small model that writes "16 + 11 = 27"
+    and never boxes then still earns a reward when it is right.
+    """
+    boxed = last_boxed(completion) or None
+    if boxed is not None or not last_number_fallback or not isinstance(completion, str):
+        return boxed
+    numbers = _LAST_NUMBER.findall(completion[-2000:])
+    return numbers[-1].rstrip(",") if numbers else None
 
 
 def has_answer(completion: str) -> bool:
@@ -378,7 +391,9 @@ def warm_up_reward_workers(timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
     _POOL.warm_up(timeout_s)
 
 
-def math_rewards(completions: list[str], references: list[str], timeout_s: float = 2.0) -> list[float]:
+def math_rewards(
+    completions: list[str], references: list[str], timeout_s: float = 2.0, last_number_fallback: bool = False
+) -> list[float]:
     """Batched :func:`math_reward`: 1.0 / 0.0 per completion, scored in parallel on the worker pool.
 
     This is the RL hot path (hundreds of completions per step). Each item gets ``timeout_s`` of worker time
@@ -396,7 +411,7 @@ def math_rewards(completions: list[str], references: list[str], timeout_s: float
     for i, (completion, reference) in enumerate(zip(completions, references, strict=True)):
         if not isinstance(completion, str) or not isinstance(reference, str) or not reference.strip():
             continue
-        answer, reference = extract_answer(completion), reference.strip()
+        answer, reference = extract_answer(completion, last_number_fallback), reference.strip()
         if answer is None or len(answer) > MAX_ANSWER_CHARS:
             continue
         if answer == reference:  # the same LaTeX is the same answer: no need to ask SymPy
