@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/lit-dash demo
+	.venv/bin/lit-dash fit --config configs/demo.yaml
 
 test: setup
 	.venv/bin/python -m pytest -q

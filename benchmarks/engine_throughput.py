@@ -93,12 +93,14 @@ def main() -> None:
     model_path = resolve_model(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype("auto", device)
-    largest = max(args.batch_sizes + args.hf_batch_sizes)
+    largest = max(args.batch_sizes + args.hf_batch_sizes, default=1)
     problems = load_problems("gsm8k", path=str(args.data), split="test", limit=largest)
     prompts = format_prompts(problems, AutoTokenizer.from_pretrained(model_path))
     prompts = [prompts[i % len(prompts)] for i in range(largest)]
     max_model_len = 512 + args.max_new_tokens
-    kv_gib = args.kv_cache_gib or kv_cache_gib(model_path, max(args.batch_sizes), max_model_len, dtype)
+    kv_gib = args.kv_cache_gib or kv_cache_gib(
+        model_path, max(args.batch_sizes, default=1), max_model_len, dtype
+    )
 
     rows: list[dict[str, float | int | str]] = []
     if args.batch_sizes:

@@ -251,7 +251,7 @@ class RolloutDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer else None
         if module is None or not hasattr(module, "model_path"):
             raise RuntimeError("RolloutDataModule needs a lit_dash module (DashModule) in the same Trainer")
-        seed = torch.initial_seed() % (2**31) if module.seed is None else module.seed
+        seed = self._run_seed()
         cfg = self.engine_config
         max_len = cfg.max_model_len or self.max_prompt_tokens + max(
             self.sampling.max_new_tokens, self.eval_max_new_tokens
@@ -265,6 +265,12 @@ class RolloutDataModule(L.LightningDataModule):
                 tensor_parallel_size=cfg.tensor_parallel_size,
             )
         return build_engine(cfg.kind, module.model_path(), seed=seed + self._rank(), **kwargs)
+
+    def _run_seed(self) -> int:
+        """The module's seed, else seed_everything's: one seed drives prompt order and engine sampling."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        seed = getattr(module, "seed", None)
+        return int(seed) if seed is not None else torch.initial_seed() % (2**31)
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
@@ -297,8 +303,7 @@ class RolloutDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self.trainer is not None else 1
         shard = self.train_problems[self._rank() :: world]  # each rank samples its own share of prompts
-        seed = self.trainer.lightning_module.seed if self.trainer is not None else 0
-        self.stream = PromptStream(shard, self.prompts_per_rollout, seed or 0)
+        self.stream = PromptStream(shard, self.prompts_per_rollout, self._run_seed())
         if self._pending_stream_state is not None:
             self.stream.load_state_dict(self._pending_stream_state)
             self._pending_stream_state = None
