@@ -39,7 +39,9 @@ def test_summary_matches_hand_computed_values():
 
 
 def test_evaluator_on_the_real_engine_writes_scored_jsonl(tiny_engine, tmp_path):
-    problems = [Problem(question=f"What is {i} + {i}?", answer=str(2 * i), source_id=f"t:{i}") for i in range(5)]
+    problems = [
+        Problem(question=f"What is {i} + {i}?", answer=str(2 * i), source_id=f"t:{i}") for i in range(5)
+    ]
     evaluator = Evaluator("toy", problems, max_new_tokens=8, batch_size=2)  # 3 engine calls: 2 + 2 + 1
 
     def first_token_even(completions, probs):

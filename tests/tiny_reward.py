@@ -1,0 +1,14 @@
+"""A test-only reward subclass, loaded by the CLI by class path (as a user's ``my_pkg.MyModule`` would be).
+
+The tiny random model never answers arithmetic correctly, so the math reward is always 0 and no
+advantage is ever non-zero; a text-parity reward gives mixed groups and so a real gradient.
+"""
+
+from __future__ import annotations
+
+from lit_dash.module import DashModule
+
+
+class ParityRewardModule(DashModule):
+    def reward(self, completions, problems):
+        return [float(len(c) % 2 == 0) for c in completions]
