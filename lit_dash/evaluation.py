@@ -97,12 +97,17 @@ class Evaluator:
             for p, prompt, c, r in zip(problems, prompts, result.completions, rewards, strict=True)
         ]
 
-    def run(
-        self, engine: Engine, reward_fn: RewardFn = default_reward, output: str | Path | None = None
-    ) -> EvalResult:
+    def records(self, engine: Engine, reward_fn: RewardFn = default_reward) -> list[dict]:
+        """Score every problem, ``batch_size`` problems per engine call."""
         records: list[dict] = []
         for start in range(0, len(self.problems), self.batch_size):
             records += self.score_batch(engine, self.problems[start : start + self.batch_size], reward_fn)
+        return records
+
+    def run(
+        self, engine: Engine, reward_fn: RewardFn = default_reward, output: str | Path | None = None
+    ) -> EvalResult:
+        records = self.records(engine, reward_fn)
         if output is not None:
             write_jsonl(records, output)
         return summarize(self.name, records)

@@ -370,13 +370,9 @@ class DashModule(L.LightningModule):
             if isinstance(callback, WeightSync) and callback.synced_step != self.global_step:
                 callback.sync(self.trainer, self)
         dm = self.trainer.datamodule
-        records = {}
-        for name, evaluator in dm.evaluators.items():
-            records[name] = []
-            for start in range(0, len(evaluator.problems), evaluator.batch_size):
-                records[name] += evaluator.score_batch(
-                    dm.engine, evaluator.problems[start : start + evaluator.batch_size], self.reward
-                )
+        records = {
+            name: evaluator.records(dm.engine, self.reward) for name, evaluator in dm.evaluators.items()
+        }
         return self.collect_eval_results(records, tag="fit")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
