@@ -205,10 +205,10 @@ class DashModule(L.LightningModule):
 
     def step_counts(self, micro_batches: list[MicroBatch], max_new_tokens: int) -> dict[str, float]:
         """Step-wide denominators, so the loss does not depend on how the step is split into micro-batches."""
-        masks = [mb.completion_mask for mb in micro_batches]
-        seqs = float(sum(int((m.sum(-1) > 0).sum()) for m in masks))
+        counts = [losses.global_loss_counts(mb.completion_mask) for mb in micro_batches]
+        seqs = float(sum(float(n_seqs) for _, n_seqs in counts))
         return {
-            "global_tokens": float(sum(m.sum() for m in masks)),
+            "global_tokens": float(sum(float(n_tokens) for n_tokens, _ in counts)),
             "global_seqs": seqs,
             "normalizer": seqs * max_new_tokens,
         }

@@ -54,17 +54,17 @@ def test_two_step_fit_through_the_cli(tmp_path, tiny_engine):
     # WeightSync: after training, the engine scores a fixed sequence exactly as the trained policy does
     engine = cli.datamodule.engine
     ids = engine.tokenizer("What is 3 + 4? The answer is 7.")["input_ids"]
-    with torch.no_grad():
-        logits = module.policy(torch.tensor([ids])).logits.float()[0, :-1]
-    policy_lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
+    def logprobs_of(model) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits.float()[0, :-1]
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
+    policy_lp = logprobs_of(module.policy)
     engine_lp = torch.tensor(engine.sequence_logprobs([ids])[0])
-    torch.testing.assert_close(
-        engine_lp, policy_lp, atol=2e-3 if resolve_dtype("auto") == torch.float32 else 0.15, rtol=0
-    )
+    atol = 2e-3 if resolve_dtype("auto") == torch.float32 else 0.15
+    torch.testing.assert_close(engine_lp, policy_lp, atol=atol, rtol=0)
     from transformers import AutoModelForCausalLM
 
-    initial = AutoModelForCausalLM.from_pretrained(module.model_path(), dtype=torch.float32)
-    with torch.no_grad():
-        initial_lp = torch.log_softmax(initial(torch.tensor([ids])).logits.float()[0, :-1], -1)
-    initial_lp = initial_lp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+    initial_lp = logprobs_of(AutoModelForCausalLM.from_pretrained(module.model_path(), dtype=torch.float32))
     assert (initial_lp - policy_lp).abs().max() > 1e-2, "two steps at lr 1e-4 should move the policy"

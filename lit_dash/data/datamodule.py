@@ -329,6 +329,3 @@ class RolloutDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self._pending_stream_state = state.get("stream")
-
-    def teardown(self, stage: str) -> None:
-        pass
