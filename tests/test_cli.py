@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_dash.callbacks.timing import PHASES
 from lit_dash.cli import build_cli, check_config
 from lit_dash.data.datamodule import RolloutDataModule
 from lit_dash.hardware import resolve_dtype
@@ -42,6 +43,10 @@ def test_two_step_fit_through_the_cli(tmp_path, tiny_engine):
     rows = list(csv.DictReader((log_dir / "timing.csv").open()))
     assert [int(float(r["step"])) for r in rows] == [1, 2]
     assert all(float(r["generation"]) > 0 and float(r["forward_backward"]) > 0 for r in rows)
+    for r in rows:  # the phases and "other" partition each step's wall time; weight sync happens every step
+        parts = sum(float(r[p]) for p in (*PHASES, "other"))
+        assert parts == pytest.approx(float(r["total"]), rel=1e-6)
+        assert float(r["weight_sync"]) > 0 and float(r["profiler_s"]) >= 0
     evals = sorted((log_dir / "eval").glob("arithmetic_fit_step*.jsonl"))
     assert len(evals) == 3  # step 0, 1, 2
     record = json.loads(evals[0].read_text().splitlines()[0])

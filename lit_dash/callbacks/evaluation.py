@@ -28,10 +28,12 @@ class MathEvaluation(L.Callback):
         if step == self._last_step or not trainer.datamodule.evaluators:
             return
         self._last_step = step
+        synced_before = pl_module.phase_seconds.get("weight_sync", 0.0)
         start = time.perf_counter()
-        results = pl_module.evaluate()
+        results = pl_module.evaluate()  # may sync the weights first; that time is weight_sync, not evaluation
         seconds = time.perf_counter() - start
-        pl_module._add_time("evaluation", seconds)
+        nested_sync = pl_module.phase_seconds.get("weight_sync", 0.0) - synced_before
+        pl_module._add_time("evaluation", seconds - nested_sync)
         metrics = {}
         for r in results:
             self.history.append((step, r))
