@@ -123,7 +123,10 @@ class RolloutDataModule(L.LightningDataModule):
             the paper).
         instruction: the line after the question in chat style (a small model is sensitive to it: "Please
             reason step by step" makes SmolLM2-135M ramble past a short token budget).
-        prompts_per_rollout: prompts (P) sampled per optimizer step.
+        prompts_per_rollout: prompts (P) sampled per optimizer step, or ``auto``: at the start of fit, time
+            one engine call per candidate size and take the smallest P whose P x group_size completions
+            reach 90% of the best throughput measured (the engine's knee on this machine).
+        auto_max_completions: ``auto`` only: the largest rollout tried, in completions (P x group_size).
         group_size: completions per prompt (G); a rollout holds P x G completions.
         micro_batch_size: completions per backward pass.
         max_tokens_per_micro_batch: pack micro-batches up to this many padded tokens instead (optional).
@@ -143,7 +146,8 @@ class RolloutDataModule(L.LightningDataModule):
         eval_sets: dict[str, ProblemSource] | None = None,
         prompt_style: str = "chat",
         instruction: str = INSTRUCTION,
-        prompts_per_rollout: int = 16,
+        prompts_per_rollout: int | str = 16,
+        auto_max_completions: int = 256,
         group_size: int = 8,
         micro_batch_size: int = 8,
         max_tokens_per_micro_batch: int | None = None,
@@ -161,6 +165,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.prompt_style = prompt_style
         self.instruction = instruction
         self.prompts_per_rollout = prompts_per_rollout
+        self.auto_max_completions = auto_max_completions
+        self.auto_throughput: dict = {}  # prompts -> ThroughputPoint, when prompts_per_rollout is auto
         self.group_size = group_size
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
@@ -187,18 +193,34 @@ class RolloutDataModule(L.LightningDataModule):
             problems.append(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.rollout_mode not in ROLLOUT_MODES:
             problems.append(f"rollout_mode must be one of {ROLLOUT_MODES}, got {self.rollout_mode!r}")
-        if self.prompts_per_rollout < 1:
+        auto = self.prompts_per_rollout == "auto"
+        if isinstance(self.prompts_per_rollout, str) and not auto:
+            problems.append(
+                f"prompts_per_rollout must be a number of prompts or auto, got {self.prompts_per_rollout!r}"
+            )
+        elif not auto and self.prompts_per_rollout < 1:
             problems.append(f"prompts_per_rollout must be >= 1 (prompts), got {self.prompts_per_rollout}")
+        rollout_completions = (
+            self.auto_max_completions
+            if auto or isinstance(self.prompts_per_rollout, str)
+            else self.prompts_per_rollout * self.group_size
+        )
         if self.group_size < 2:
             problems.append(
                 f"group_size must be >= 2 completions per prompt for group-normalised advantages, got {self.group_size}"
             )
         if self.micro_batch_size < 1:
             problems.append(f"micro_batch_size must be >= 1 (completions), got {self.micro_batch_size}")
-        elif self.micro_batch_size > self.prompts_per_rollout * self.group_size:
+        elif self.micro_batch_size > rollout_completions:
+            what = "auto_max_completions" if auto else "prompts_per_rollout x group_size"
             problems.append(
                 f"micro_batch_size ({self.micro_batch_size} completions) is larger than the rollout "
-                f"(prompts_per_rollout x group_size = {self.prompts_per_rollout * self.group_size} completions)"
+                f"({what} = {rollout_completions} completions)"
+            )
+        if auto and self.auto_max_completions < self.group_size:
+            problems.append(
+                f"auto_max_completions ({self.auto_max_completions}) must hold at least one group "
+                f"(group_size = {self.group_size} completions)"
             )
         if self.filter_threshold is not None and self.filter_threshold < 0:
             problems.append(
@@ -229,6 +251,8 @@ class RolloutDataModule(L.LightningDataModule):
             self.engine = self._start_engine()
         if stage == "fit":
             self.train_problems = self._drop_long_prompts(self.train_problems)
+            if self.prompts_per_rollout == "auto":
+                self.prompts_per_rollout = self._calibrate_prompts_per_rollout()
             self.buffer = RolloutBuffer(
                 engine=self.engine,
                 sampling=self.sampling,
@@ -242,6 +266,24 @@ class RolloutDataModule(L.LightningDataModule):
                 else True,
                 pad_token_id=self.engine.tokenizer.pad_token_id or 0,
             )
+
+    def _calibrate_prompts_per_rollout(self) -> int:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from lit_dash.data import calibration
+
+        min_prompts = -(-self.micro_batch_size // self.group_size)  # a rollout fills >= one micro-batch
+        counts = calibration.candidate_prompt_counts(self.group_size, self.auto_max_completions, min_prompts)
+        sample = self.train_problems[: max(counts)]
+        prompts = format_prompts(sample, self.engine.tokenizer, self.prompt_style, self.instruction)
+        self.auto_throughput = calibration.measure(
+            self.engine, prompts, self.group_size, counts, self.sampling
+        )
+        chosen = calibration.pick_prompt_count(self.auto_throughput)
+        if self.trainer is not None:  # every rank samples rollouts of the size rank 0 measured
+            chosen = int(self.trainer.strategy.broadcast(chosen, src=0))
+        rank_zero_info(calibration.format_points(self.auto_throughput, chosen, self.group_size))
+        return chosen
 
     def _module_flag(self, name: str) -> bool:
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -311,6 +353,9 @@ class RolloutDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.evaluators:
+            fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+            if fitting:  # no held-out sets: fit skips validation instead of failing its sanity check
+                return []
             raise DataError("validation needs at least one entry in data.eval_sets")
         return [
             DataLoader(
