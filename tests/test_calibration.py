@@ -60,3 +60,15 @@ def test_measure_times_one_call_per_size_on_the_real_engine(tiny_engine):
     assert [p.completions for p in points.values()] == [4, 8, 16]
     assert all(p.tokens_per_s > 0 for p in points.values())
     assert pick_prompt_count(points) in points
+
+
+def test_auto_parses_through_the_cli():
+    from pathlib import Path
+
+    from lit_dash.cli import build_cli
+
+    tiny = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+    cli = build_cli(["--config", tiny, "--data.prompts_per_rollout", "auto"], run=False)
+    assert cli.datamodule.prompts_per_rollout == "auto"
+    cli = build_cli(["--config", tiny, "--data.prompts_per_rollout", "3"], run=False)
+    assert cli.datamodule.prompts_per_rollout == 3
