@@ -5,7 +5,9 @@
     lit-dash fit --config configs/demo.yaml --print_config
 
 omegaconf parser mode lets a config interpolate its own values (``${data.init_args.group_size}``).
-``--model my_pkg.MyModule`` swaps in a subclass (e.g. a new reward).
+``--model my_pkg.MyModule`` swaps in a subclass (e.g. a new reward); ``data:`` likewise takes a
+``class_path:`` (``lit_dash.sft.SftDataModule`` for the SFT baseline), and a ``data:`` block without one
+means ``RolloutDataModule``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
         DashModule,
         RolloutDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=args if args is not None else sys.argv[1:],
