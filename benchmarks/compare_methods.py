@@ -20,7 +20,13 @@ TimingProfile's ``timing.csv`` and the TensorBoard events. Outputs in ``--out``:
 per run), ``summary.json``, ``curves.png`` (held-out accuracy and train reward against training steps),
 the runs' folders, and the table printed at the end.
 
-    flock /tmp/cpu.lock .venv/bin/python benchmarks/compare_methods.py                 # ~1 h on 2 cores
+Cost (2 shared AMD EPYC cores, fp32; measured in a 2-step run of sft and dash): a DASH+KL rollout takes
+92-122 s (generation 21-24 s, reference log-probs 14-15 s, forward+backward 52-58 s), an evaluation of 50
+problems 22-28 s, a process start about 35 s; an SFT step 8-10 s. The defaults (4 steps, 2 seeds, 6
+methods, evaluation every 2 steps) are estimated at about 75 minutes; ``--steps 3 --eval-every 3`` at
+about 55. Steps get cheaper as completions get shorter, so this is an upper estimate.
+
+    flock /tmp/cpu.lock .venv/bin/python benchmarks/compare_methods.py        # ~70 min on 2 cores (below)
     .venv/bin/python benchmarks/compare_methods.py --steps 2 --seeds 0 --methods base,dash_no_kl \\
         --model tiny-llama --eval-problems 8                                            # a smoke test
 """
@@ -77,7 +83,11 @@ def run_config(method: str, seed: int, args: argparse.Namespace, root: Path) -> 
     trainer.update(max_epochs=1, limit_train_batches=args.steps, max_steps=args.steps * steps_per_rollout)
     every = max(1, args.eval_every) * steps_per_rollout
     trainer["callbacks"] = [
-        {"class_path": "lit_dash.callbacks.MathEvaluation", "init_args": {"every_n_steps": every}},
+        # no evaluation at step 0: the untrained model is the base row's (greedy, so the same numbers)
+        {
+            "class_path": "lit_dash.callbacks.MathEvaluation",
+            "init_args": {"every_n_steps": every, "at_start": False},
+        },
         {"class_path": "lit_dash.callbacks.TimingProfile"},
     ]
     return cfg
@@ -235,15 +245,20 @@ def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    base = next((r for r in rows if r["method"] == "base"), None)
+    start = [(0, base["accuracy"])] if base else []  # step 0 is the untrained model: the base row
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         color = f"C{i}"
         for j, r in enumerate(x for x in rows if x["method"] == method):
             label = method if j == 0 else None
-            xs = [x if x is not None else 0 for x in r["curve_rollouts"]]
             if method == "base":
                 left.axhline(100 * r["accuracy"], color=color, ls="--", label=label)
                 continue
-            left.plot(xs, [100 * a for a in r["curve_accuracy"]], "o-", color=color, alpha=0.8, label=label)
+            points = start + [
+                (x, a) for x, a in zip(r["curve_rollouts"], r["curve_accuracy"], strict=True) if x is not None
+            ]
+            xs, ys = [x for x, _ in points], [100 * a for _, a in points]
+            left.plot(xs, ys, "o-", color=color, alpha=0.8, label=label)
             if r["train_reward"]:
                 steps = range(1, len(r["train_reward"]) + 1)
                 right.plot(steps, r["train_reward"], color=color, alpha=0.8, label=label)
@@ -270,11 +285,11 @@ def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="rollouts (batches of 12 problems) per run")
+    parser.add_argument("--steps", type=int, default=4, help="rollouts (batches of 12 problems) per run")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (seed_everything)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--eval-problems", type=int, default=50, help="held-out arithmetic problems")
-    parser.add_argument("--eval-every", type=int, default=3, help="evaluate every this many rollouts")
+    parser.add_argument("--eval-every", type=int, default=2, help="evaluate every this many rollouts")
     parser.add_argument("--model", default=None, help="alias, folder or hub id (default: the demo's)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare_methods")
     args = parser.parse_args(argv)

@@ -46,7 +46,8 @@ def test_each_method_config_parses_with_the_shared_budget(method, tmp_path, monk
     per_rollout = 2 if method.startswith("ppo") else 1
     assert (init.trainer.limit_train_batches, init.trainer.max_epochs) == (5, 1)
     assert init.trainer.max_steps == 5 * per_rollout
-    assert init.trainer.callbacks[0].every_n_steps == 3 * per_rollout  # every 3 rollouts
+    evaluation = init.trainer.callbacks[0]
+    assert evaluation.every_n_steps == 2 * per_rollout and not evaluation.at_start  # every 2 rollouts
 
 
 def test_bad_flags_are_refused_by_name():
