@@ -98,6 +98,11 @@ class SftDataModule(RolloutDataModule):
 
     def _check_knobs(self) -> None:
         super()._check_knobs()
+        if not isinstance(self.prompts_per_rollout, int):  # "auto" sizes rollouts by sampling throughput
+            raise ValueError(
+                "data configuration: SFT samples nothing, so prompts_per_rollout must be a number of "
+                f"problems per optimizer step, got {self.prompts_per_rollout!r}"
+            )
         if self.micro_batch_size > self.prompts_per_rollout:
             raise ValueError(
                 f"data configuration: SFT trains on one target per problem, so micro_batch_size "

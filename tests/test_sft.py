@@ -82,6 +82,8 @@ def test_sft_micro_batch_size_is_checked_against_problems_per_step():
         ValueError, match=r"micro_batch_size \(8 targets\) must be <= prompts_per_rollout \(4\)"
     ):
         SftDataModule(prompts_per_rollout=4, micro_batch_size=8)
+    with pytest.raises(ValueError, match="SFT samples nothing, so prompts_per_rollout must be a number"):
+        SftDataModule(prompts_per_rollout="auto", micro_batch_size=8)
 
 
 def test_sft_demo_is_the_demo_with_other_classes(monkeypatch):
