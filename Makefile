@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench compare
 
 setup:
 	bash scripts/setup.sh
@@ -12,3 +12,9 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check lit_dash tests benchmarks
+
+bench: setup  # DASH vs standard GRPO, four settings side by side (~15 min on 2 CPU cores)
+	.venv/bin/python benchmarks/dash_vs_grpo.py
+
+compare: setup  # base, SFT, DASH, DASH without KL, PPO multi/mini (~75 min on 2 CPU cores)
+	.venv/bin/python benchmarks/compare_methods.py

@@ -26,7 +26,9 @@ problems 22-28 s, a process start about 35 s; an SFT step 8-10 s. The defaults (
 methods, evaluation every 2 steps) are estimated at about 75 minutes; ``--steps 3 --eval-every 3`` at
 about 55. Steps get cheaper as completions get shorter, so this is an upper estimate.
 
-    flock /tmp/cpu.lock .venv/bin/python benchmarks/compare_methods.py        # ~70 min on 2 cores (below)
+    make compare                       # = .venv/bin/python benchmarks/compare_methods.py, ~75 min on 2 cores
+    python benchmarks/compare_methods.py --steps 8 --seeds 0,1,2 --eval-problems 100 --eval-every 4 \\
+        --accelerator auto --engine hf --parallel 8                 # a GPU without vLLM: ~3 min on one H200
     .venv/bin/python benchmarks/compare_methods.py --steps 2 --seeds 0 --methods base,dash_no_kl \\
         --model tiny-llama --eval-problems 8                                            # a smoke test
 """
@@ -42,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -74,6 +77,10 @@ def run_config(method: str, seed: int, args: argparse.Namespace, root: Path) -> 
     if args.model:
         model["model"] = args.model
     data = cfg["data"].get("init_args", cfg["data"])  # sft_demo.yaml names its class, demo.yaml does not
+    if args.accelerator:
+        trainer["accelerator"] = args.accelerator
+    if args.engine:
+        data["engine"] = {"kind": args.engine}
     for source in data["eval_sets"].values():
         source["num_problems"] = args.eval_problems
     if method == "base":
@@ -292,6 +299,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=2, help="evaluate every this many rollouts")
     parser.add_argument("--model", default=None, help="alias, folder or hub id (default: the demo's)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare_methods")
+    parser.add_argument("--accelerator", default=None, help="trainer accelerator (default: the configs' cpu)")
+    parser.add_argument(
+        "--engine", default=None, choices=("vllm", "hf"), help="rollout engine (default: vllm)"
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="runs at once (1 on a CPU; a GPU has room for several)"
+    )
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -308,17 +322,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
-    for method in args.methods:
-        for seed in args.seeds[:1] if method == "base" else args.seeds:  # greedy base: seed-independent
+    jobs = [(m, s) for m in args.methods for s in (args.seeds[:1] if m == "base" else args.seeds)]
+    # greedy base is seed-independent: one run; several runs at once only where the machine has room
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        futures = [(method, seed, pool.submit(launch, method, seed, args)) for method, seed in jobs]
+        for method, seed, future in futures:
             try:
-                rows.append(launch(method, seed, args))
+                rows.append(future.result())
             except RuntimeError as exc:
                 failures.append(str(exc))
                 print(f"[compare_methods] {exc}", flush=True)
                 continue
             r = rows[-1]
             print(
-                f"  accuracy {r['accuracy']:.1%}, {r['mean_completion_tokens']:.1f} tokens, {r['wall_s']:.0f} s",
+                f"  {method} seed {seed}: accuracy {r['accuracy']:.1%}, {r['mean_completion_tokens']:.1f} tokens, "
+                f"{r['wall_s']:.0f} s",
                 flush=True,
             )
     if not rows:
