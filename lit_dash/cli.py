@@ -24,8 +24,18 @@ def _environment() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point (``lit-dash``)."""
-    build_cli(args)
+    """Console entry point (``lit-dash``). Bad input (a knob, a data file, a model name) ends with its
+    one-line message and exit status 2; ``LIT_DASH_DEBUG=1`` shows the traceback instead."""
+    from lit_dash.errors import find_input_error
+
+    try:
+        build_cli(args)
+    except Exception as exc:
+        error = find_input_error(exc)
+        if error is None or os.environ.get("LIT_DASH_DEBUG"):
+            raise
+        print(f"lit-dash: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool = True):

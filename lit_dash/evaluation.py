@@ -15,6 +15,7 @@ from lit_dash.data.formatting import INSTRUCTION, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Engine, SamplingConfig
 from lit_dash.rewards import extract_answer, math_rewards
+from lit_dash.rewards.scoring import score_completions
 
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
 
@@ -79,7 +80,7 @@ class Evaluator:
         )
         result = engine.generate(prompts, 1, self.sampling)
         texts = [c.text for c in result.completions]
-        rewards = list(reward_fn(texts, problems))
+        rewards = score_completions(reward_fn, texts, problems).tolist()
         seconds_each = result.seconds / max(len(problems), 1)
         return [
             {

@@ -9,18 +9,24 @@ transformers folder (safetensors, bf16) in a cache directory that both transform
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from lit_dash.errors import InputError
+
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 TINY_ALIAS = "tiny-llama"
 ALIASES = (SMOLLM2_ALIAS, TINY_ALIAS)
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# context in tokens of each alias before its folder is built (after that, its config.json is read)
+ALIAS_CONTEXT_TOKENS = {SMOLLM2_ALIAS: 8192, TINY_ALIAS: 2048}
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(InputError):
     """The model name is neither an alias, an existing folder, nor a hub id."""
 
 
@@ -59,6 +65,36 @@ def resolve_model(name: str, cache: str | os.PathLike | None = None) -> str:
     if name == TINY_ALIAS:
         return str(_ensure_tiny(cache_dir(cache)))
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def context_length(name: str, cache: str | os.PathLike | None = None) -> tuple[int, str] | None:
+    """The model's context in tokens and where that number came from, read from ``config.json`` alone (no
+    weights, no network); ``None`` when it cannot be known cheaply (a hub id not in the local hub cache)."""
+    if name in ALIASES and not (cache_dir(cache) / name / "config.json").exists():
+        return ALIAS_CONTEXT_TOKENS[name], f"the {name} alias"
+    if name in ALIASES:
+        config_path = cache_dir(cache) / name / "config.json"
+    elif Path(name).expanduser().is_dir():
+        config_path = Path(name).expanduser() / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # noqa: BLE001 - not a valid repo id, no cache: the context is unknown
+            return None
+        if not isinstance(cached, str):
+            return None
+        config_path = Path(cached)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelNotFoundError(f"cannot read the model config {config_path}: {exc}") from None
+    for section in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(section.get(key), int):
+                return section[key], f"{key} in {config_path}"
+    return None
 
 
 def _gguf_path() -> Path:
@@ -128,7 +164,7 @@ def _ensure_tiny(root: Path) -> Path:
             num_hidden_layers=2,
             num_attention_heads=2,
             num_key_value_heads=1,
-            max_position_embeddings=2048,
+            max_position_embeddings=ALIAS_CONTEXT_TOKENS[TINY_ALIAS],
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

@@ -9,22 +9,29 @@ were split into micro-batches.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoModelForCausalLM
 
 from lit_dash import losses
 from lit_dash.data.buffer import MicroBatch, Rollout
 from lit_dash.data.records import Problem
+from lit_dash.errors import ConfigError, RunStopped
 from lit_dash.evaluation import EvalResult, summarize, write_jsonl
 from lit_dash.hardware import resolve_dtype
 from lit_dash.models import check_model_name, resolve_model
 from lit_dash.rewards import math_rewards
 
 UPDATE_MODES = ("dash", "multi", "mini")
+
+
+class NonFiniteLossError(RunStopped):
+    """Several optimizer steps in a row had a NaN or infinite loss or gradient."""
 
 
 class DashModule(L.LightningModule):
@@ -54,6 +61,8 @@ class DashModule(L.LightningModule):
         answer_fallback: the default reward also accepts the last number of a completion with no
             ``\\boxed{}`` answer (off in the paper's recipes; on in the demo, for a 135M model that rarely boxes).
         seed: engine and prompt-order seed; null uses seed_everything's.
+        max_nonfinite_steps: a step whose loss or gradient is NaN or infinite is skipped (no update,
+            counted as train/nonfinite_steps); this many in a row stop the run.
         model_cache: where converted models are cached (default ~/.cache/lit_dash or $LIT_DASH_CACHE).
     """
 
@@ -79,6 +88,7 @@ class DashModule(L.LightningModule):
         answer_fallback: bool = False,
         seed: int | None = None,
         model_cache: str | None = None,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -95,8 +105,10 @@ class DashModule(L.LightningModule):
             errors.append(f"lr_schedule must be linear or constant, got {lr_schedule!r}")
         if ppo_epochs < 1 or ppo_mini_batches < 1:
             errors.append("ppo_epochs and ppo_mini_batches must be >= 1")
+        if max_nonfinite_steps < 1:
+            errors.append(f"max_nonfinite_steps must be >= 1 (optimizer steps), got {max_nonfinite_steps}")
         if errors:
-            raise ValueError("model configuration: " + "; ".join(errors))
+            raise ConfigError("model configuration: " + "; ".join(errors))
         check_model_name(model)  # unknown alias / missing path: fail before anything is loaded
         self.model_name = model
         self.lr = lr
@@ -109,6 +121,8 @@ class DashModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.skipped_steps = 0
+        self.nonfinite_steps = 0  # optimizer steps skipped for a NaN / infinite loss or gradient
+        self.nonfinite_in_a_row = 0
         self.last_rollout: Rollout | None = None
         self.phase_seconds: dict[str, float] = {}
         self._val_records: dict[str, list[dict]] = {}
@@ -253,19 +267,39 @@ class DashModule(L.LightningModule):
                 totals[key] += value
         return totals
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss: float = 0.0) -> float:
+        """Clip and step; a non-finite loss or gradient norm skips the update (the grads are dropped)."""
         optimizer = self.optimizers()
         start = time.perf_counter()
-        grad_norm = float("nan")
-        if self.hparams.max_grad_norm is not None:
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
-            )
+        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+        nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False):  # every rank skips together
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+            self._count_nonfinite(loss, grad_norm)
+        else:
+            self.nonfinite_in_a_row = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
         self._add_time("optimizer", time.perf_counter() - start)
         return grad_norm
+
+    def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        where = f"step {self.global_step}: loss {loss}, grad norm {grad_norm}"
+        if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"stopping: {self.nonfinite_in_a_row} optimizer steps in a row had a NaN or infinite loss or "
+                f"gradient (last at {where}; model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}). "
+                "None of them changed the weights, so the last checkpoint holds the last good ones. "
+                "Try a lower model.lr, a model.max_grad_norm, model.precision: float32, or check the reward."
+            )
+        rank_zero_warn(
+            f"{where} is not finite; skipped this update "
+            f"({self.nonfinite_in_a_row} in a row, the run stops at {self.hparams.max_nonfinite_steps})"
+        )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a batch is a list of Problems (text), not tensors; rollouts move themselves
@@ -307,7 +341,7 @@ class DashModule(L.LightningModule):
                 mbs, [old[i] for i in chunk] if old is not None else None, [ref.get(i) for i in chunk]
             )
             self._add_time("forward_backward", time.perf_counter() - start)
-            grad_norm = self._optimizer_step()
+            grad_norm = self._optimizer_step(totals["loss"])
         self._log_step(stats, totals, grad_norm)
 
     def _update_plan(self, num_micro_batches: int) -> list[list[int]]:
@@ -326,6 +360,10 @@ class DashModule(L.LightningModule):
         metrics["train/grad_norm"] = grad_norm
         metrics["train/lr"] = self.lr_schedulers().get_last_lr()[0]
         metrics["train/skipped_steps"] = float(self.skipped_steps)
+        metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
+        metrics["train/skipped_long_prompts"] = float(
+            getattr(self.trainer.datamodule, "skipped_long_prompts", 0)
+        )
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self.log("reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=1)
         self.log("kept", stats["train/kept_fraction"], prog_bar=True, logger=False, batch_size=1)
@@ -376,8 +414,12 @@ class DashModule(L.LightningModule):
         return self.collect_eval_results(records, tag="fit")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lit_dash"] = {"skipped_steps": self.skipped_steps}
+        checkpoint["lit_dash"] = {
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("lit_dash", {}).get("skipped_steps", 0)
+        self.nonfinite_steps = checkpoint.get("lit_dash", {}).get("nonfinite_steps", 0)
         self.configure_model()

@@ -19,6 +19,9 @@ import torch
 from lit_dash import losses
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Completion, Engine, SamplingConfig
+from lit_dash.rewards.scoring import RewardError, check_rewards, score_completions
+
+__all__ = ["MicroBatch", "Rollout", "RolloutBuffer", "RewardError", "check_rewards", "ROLLOUT_MODES"]
 
 ROLLOUT_MODES = ("preemptive", "per_micro_batch")
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
@@ -147,8 +150,7 @@ class RolloutBuffer:
         timings["generation"] = t1 - t0
 
         per_completion_problems = [problems[c.prompt_index] for c in completions]
-        rewards = reward_fn([c.text for c in completions], per_completion_problems)
-        rewards = check_rewards(rewards, len(completions), completions, per_completion_problems)
+        rewards = score_completions(reward_fn, [c.text for c in completions], per_completion_problems)
         t2 = time.perf_counter()
         timings["reward"] = t2 - t1
 
@@ -218,25 +220,3 @@ class RolloutBuffer:
             attention[i, : len(p) + len(c)] = 1
             completion_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
         return MicroBatch(input_ids, attention, completion_mask, advantages[rows].clone(), rows)
-
-
-class RewardError(RuntimeError):
-    """A reward function returned something training cannot use."""
-
-
-def check_rewards(
-    rewards: Sequence[float], expected: int, completions: list[Completion], problems: list[Problem]
-) -> torch.Tensor:
-    """Refuse a wrong count or a non-finite reward, naming the sample, instead of training on garbage."""
-    values = list(rewards)
-    if len(values) != expected:
-        raise RewardError(f"reward returned {len(values)} values for {expected} completions")
-    out = torch.tensor([float(v) for v in values], dtype=torch.float32)
-    bad = (~torch.isfinite(out)).nonzero().flatten().tolist()
-    if bad:
-        i = bad[0]
-        raise RewardError(
-            f"reward returned {values[i]} for completion {i} of problem {problems[i].source_id!r} "
-            f"(completion text starts {completions[i].text[:80]!r}); rewards must be finite numbers"
-        )
-    return out

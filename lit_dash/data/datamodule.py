@@ -20,7 +20,9 @@ from lit_dash.data.formatting import INSTRUCTION, PROMPT_STYLES, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.data.sources import DataError, load_problems
 from lit_dash.engines import ENGINE_KINDS, Engine, SamplingConfig, build_engine
+from lit_dash.errors import ConfigError
 from lit_dash.evaluation import Evaluator
+from lit_dash.models import context_length
 
 
 @dataclass
@@ -226,14 +228,64 @@ class RolloutDataModule(L.LightningDataModule):
             problems.append(
                 f"filter_threshold must be >= 0 or null (no filtering), got {self.filter_threshold}"
             )
+        if self.max_prompt_tokens < 1 or self.eval_max_new_tokens < 1:
+            problems.append(
+                f"max_prompt_tokens and eval_max_new_tokens must be >= 1 tokens, got "
+                f"{self.max_prompt_tokens} and {self.eval_max_new_tokens}"
+            )
+        max_model_len = self.engine_config.max_model_len
+        if max_model_len is not None and max_model_len < self._sequence_tokens():
+            problems.append(
+                f"engine.max_model_len ({max_model_len} tokens) is smaller than {self._budget_text()}; "
+                "raise engine.max_model_len or leave it null"
+            )
         if self.engine_config.kind not in ENGINE_KINDS:
             problems.append(f"engine.kind must be one of {ENGINE_KINDS}, got {self.engine_config.kind!r}")
         if problems:
-            raise ValueError("data configuration: " + "; ".join(problems))
+            raise ConfigError("data configuration: " + "; ".join(problems))
+
+    def _sequence_tokens(self) -> int:
+        """Prompt + completion tokens the engine must hold per sequence."""
+        eval_tokens = self.eval_max_new_tokens if self.eval_sources else 0
+        return self.max_prompt_tokens + max(self.sampling.max_new_tokens, eval_tokens)
+
+    def _completion_knob(self) -> str:
+        """The knob that sets the completion part of :meth:`_sequence_tokens`."""
+        if self._sequence_tokens() - self.max_prompt_tokens > self.sampling.max_new_tokens:
+            return "eval_max_new_tokens"
+        return "sampling.max_new_tokens"
+
+    def _budget_text(self) -> str:
+        completion = self._sequence_tokens() - self.max_prompt_tokens
+        return (
+            f"max_prompt_tokens + {self._completion_knob()} ({self.max_prompt_tokens} + {completion} = "
+            f"{self._sequence_tokens()} tokens)"
+        )
+
+    def check_model_context(self, model: str, cache: str | None = None) -> None:
+        """Refuse a token budget beyond the model's context; reads config.json only, loads no weights."""
+        found = context_length(model, cache)
+        if found is None:
+            return
+        context, source = found
+        max_model_len = self.engine_config.max_model_len
+        if max_model_len is not None and max_model_len > context:
+            raise ConfigError(
+                f"data configuration: engine.max_model_len ({max_model_len} tokens) is more than the "
+                f"context of model {model!r} ({context} tokens, {source}); lower engine.max_model_len"
+            )
+        if self._sequence_tokens() > context:
+            raise ConfigError(
+                f"data configuration: {self._budget_text()} is more than the context of model {model!r} "
+                f"({context} tokens, {source}); lower data.{self._completion_knob()} or data.max_prompt_tokens"
+            )
 
     # ---- set-up -------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.engine is None and hasattr(module, "model_name"):  # before any model or data is loaded
+            self.check_model_context(module.model_name, getattr(module.hparams, "model_cache", None))
         if stage == "fit" and not self.train_problems:
             self.train_problems = self.train_source.load()
         if not self.evaluators:
@@ -295,9 +347,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise RuntimeError("RolloutDataModule needs a lit_dash module (DashModule) in the same Trainer")
         seed = self._run_seed()
         cfg = self.engine_config
-        max_len = cfg.max_model_len or self.max_prompt_tokens + max(
-            self.sampling.max_new_tokens, self.eval_max_new_tokens
-        )
+        max_len = cfg.max_model_len or self._sequence_tokens()
         kwargs = {"dtype": cfg.dtype}
         if cfg.kind == "vllm":
             kwargs.update(

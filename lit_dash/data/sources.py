@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_dash.data.records import Problem
+from lit_dash.errors import InputError
 
 __all__ = [
     "DataError",
@@ -54,7 +55,7 @@ _MATH_SUBJECT_CONFIGS = (
 )
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad or missing input data; the message says which file/line and what to change."""
 
 
@@ -136,7 +137,17 @@ def _resolve_local(path_or_hub_id: str | Path, filename: str) -> Path | None:
         return f
     if p.is_file() or str(path_or_hub_id).endswith(".jsonl"):
         return p  # a missing .jsonl is reported by _iter_jsonl with the standard message
+    if _looks_like_a_path(str(path_or_hub_id)):
+        raise DataError(
+            f"data path not found: {path_or_hub_id} (resolved to {p.expanduser().resolve()}); "
+            "pass an existing JSONL file or a folder holding " + filename
+        )
     return None
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A hub id is ``owner/name``; anything relative, absolute or deeper is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _hub_rows(hub_id: str, split: str, config: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_dash.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -26,11 +28,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"sampling temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"sampling temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"sampling top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"sampling max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"sampling max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @property
     def greedy(self) -> bool:
