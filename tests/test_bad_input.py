@@ -181,7 +181,7 @@ def test_fit_reports_bad_input_before_any_engine_or_model(
 def test_malformed_jsonl_names_file_and_line_through_fit(tmp_path, no_engine):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n\n{"question": "2+2?", "answer": "#### 4"\n')
-    with pytest.raises(DataError, match=rf"{bad}:3: not valid JSON"):
+    with pytest.raises(DataError, match=rf"{bad}:3: not valid JSON \(Expecting ',' delimiter at column 40\)"):
         _fit(tmp_path, "--data.train", _train("gsm8k", bad))
 
 

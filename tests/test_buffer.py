@@ -88,7 +88,8 @@ def test_token_budget_caps_padded_tokens(tiny_engine):
     "bad, match",
     [
         (lambda c, p: [1.0], "returned 1 values for 16"),
-        (lambda c, p: [float("nan")] * len(c), "returned nan"),
+        (lambda c, p: [float("nan")] * len(c), "returned nan for completion 0 "),
+        (lambda c, p: [1 / 0], "raised ZeroDivisionError: division by zero on completion 0 "),
     ],
 )
 def test_bad_rewards_stop_with_a_message(tiny_engine, bad, match):

@@ -51,7 +51,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_model_path):
+def test_nan_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_model_path, recwarn):
     module = NaNLossAt(nan_steps=NAN_STEPS, model="tiny-llama", lr=1e-3, max_nonfinite_steps=3, seed=0)
     data = RolloutDataModule(
         train=ProblemSource(source="gsm8k", path=str(SHARED_DATA), split="test", limit=40),
@@ -71,15 +71,17 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_model_pa
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=20,
+        limit_val_batches=0,
         callbacks=[weights, checkpoints],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    with pytest.warns(UserWarning, match="is not finite; skipped this update"):
-        with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row had a NaN or infinite loss"):
-            trainer.fit(module, datamodule=data)
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row had a NaN or infinite loss"):
+        trainer.fit(module, datamodule=data)
+    skipped = [str(w.message) for w in recwarn if "is not finite; skipped this update" in str(w.message)]
+    assert [m.split(":")[0] for m in skipped] == ["step 1", "step 3", "step 4"]
 
     # steps 0 and 2 trained; 1, 3 and 4 were skipped; step 5 raised before any update or checkpoint
     assert trainer.global_step == 5 and sorted(weights.after) == [1, 2, 3, 4, 5]

@@ -72,7 +72,7 @@ def _iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # a truncated last object: the column is on this line
             except json.JSONDecodeError as exc:
                 raise DataError(f"{p}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
