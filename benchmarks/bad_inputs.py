@@ -29,11 +29,11 @@ from lit_dash.module import DashModule
 
 class RaisingReward(DashModule):
     def reward(self, completions, problems):
-        return [1.0 / len(c.split()) for c in completions]  # ZeroDivisionError on an empty completion
+        return [float(c.split("=")[1]) for c in completions]  # IndexError on a completion without "="
 
 class NaNReward(DashModule):
     def reward(self, completions, problems):
-        return [math.nan if "7" in c else 0.0 for c in completions]
+        return [math.nan if len(c) % 3 == 0 else 0.0 for c in completions]
 
 class PerPromptReward(DashModule):
     def reward(self, completions, problems):
