@@ -13,6 +13,7 @@ means ``RolloutDataModule``.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
@@ -24,8 +25,20 @@ def _environment() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point (``lit-dash``)."""
-    build_cli(args)
+    """Console entry point (``lit-dash``).
+
+    SIGTERM stops a fit at the end of the current step (Lightning's handler; StepCheckpoint saves
+    ``last.ckpt`` there). Lightning then exits with status 0, which a scheduler would read as success:
+    this exits with 143 (128 + SIGTERM) instead.
+    """
+    _environment()
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        build_cli(args)
+    except SIGTERMException:
+        print("[lit_dash] stopped by SIGTERM at a step boundary", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool = True):

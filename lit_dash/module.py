@@ -14,9 +14,11 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 from lit_dash import losses
+from lit_dash.checkpointing import restore_rng_states, rng_states_by_rank
 from lit_dash.data.buffer import MicroBatch, Rollout
 from lit_dash.data.records import Problem
 from lit_dash.evaluation import EvalResult, summarize, write_jsonl
@@ -376,8 +378,12 @@ class DashModule(L.LightningModule):
         return self.collect_eval_results(records, tag="fit")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lit_dash"] = {"skipped_steps": self.skipped_steps}
+        # Lightning saves weights, optimizer, scheduler, step and the datamodule's prompt position;
+        # the RNG states of every rank are ours to add
+        checkpoint["lit_dash"] = {"skipped_steps": self.skipped_steps, "rng": rng_states_by_rank()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_steps = checkpoint.get("lit_dash", {}).get("skipped_steps", 0)
+        state = checkpoint.get("lit_dash", {})
+        self.skipped_steps = state.get("skipped_steps", 0)
+        restore_rng_states(state.get("rng"))
         self.configure_model()
