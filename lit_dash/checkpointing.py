@@ -1,9 +1,9 @@
 """What a checkpoint needs beyond Lightning's own: every rank's random-number generator states.
 
 Lightning saves weights, optimizer, scheduler, loops and the datamodule's ``state_dict``, but no RNG
-state. With the rollout engine seeded once at start-up, torch's global generator is what vLLM's CPU
-sampler draws from, so restoring it lets a resumed run continue the random stream of the interrupted one.
-Each rank has its own stream; only rank 0 writes the file, so the states are gathered first.
+state. vLLM's CPU sampler draws from torch's global generator, so with these restored (at the start of
+the resumed fit) the resumed run samples what the uninterrupted run sampled. Each rank has its own
+stream; only rank 0 writes the file, so the states are gathered first.
 """
 
 from __future__ import annotations

@@ -170,6 +170,8 @@ def test_sigkill_mid_step_then_resume_trains_on_the_uninterrupted_prompts(tmp_pa
     expected = _records(f"{reference}/run_prompts")
     assert [r["ids"] for r in killed[:2] + resumed] == [r["ids"] for r in expected]
     assert resumed[0]["ids"] == killed[2]["ids"], "the step lost with the kill is redone on its own prompts"
+    # RNG states restored: the engine even samples the same completions as the uninterrupted run
+    assert [r["completions_sha"] for r in resumed] == [r["completions_sha"] for r in expected[2:]]
     final = torch.load(last, weights_only=False)
     assert final["global_step"] == steps
     assert final["RolloutDataModule"] == {"consumed_batches": steps}
