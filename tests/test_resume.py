@@ -58,9 +58,9 @@ def test_resumed_loader_starts_at_the_first_batch_training_did_not_consume():
     dm.train_problems = _problems(10)
     fetched = iter(dm.train_dataloader())
     first, second = next(fetched), next(fetched)  # Lightning fetches one batch ahead of the step
-    dm.consumed_batches += 1  # what rollout() does for the one step that ran
+    dm.consumed_batches += 1  # what on_after_batch_transfer does for the one step that ran
     state = dm.state_dict()
-    assert state == {"consumed_batches": 1}
+    assert state == {"consumed_batches": 1, "prompts_per_rollout": 3}
 
     resumed = RolloutDataModule(prompts_per_rollout=3, group_size=2, micro_batch_size=2)
     resumed.train_problems = _problems(10)
@@ -174,7 +174,7 @@ def test_sigkill_mid_step_then_resume_trains_on_the_uninterrupted_prompts(tmp_pa
     assert [r["completions_sha"] for r in resumed] == [r["completions_sha"] for r in expected[2:]]
     final = torch.load(last, weights_only=False)
     assert final["global_step"] == steps
-    assert final["RolloutDataModule"] == {"consumed_batches": steps}
+    assert final["RolloutDataModule"] == {"consumed_batches": steps, "prompts_per_rollout": 4}
 
     # the engine served the resumed weights from the first rollout: its log-probs are the policy's ...
     (record,) = _records(probe)

@@ -376,13 +376,19 @@ class RolloutDataModule(L.LightningDataModule):
 
     def rollout(self, problems: list[Problem], reward_fn) -> Rollout:
         """Sample, score, normalise and filter one optimizer step's data (called by the training step)."""
-        self.consumed_batches += 1
         prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
         return self.buffer.collect(problems, prompts, reward_fn)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Lightning calls this for the batch a training step is about to take, after its one-batch
+        # prefetch: so this counts batches consumed, for RL and SFT modules alike
+        if self.trainer is not None and self.trainer.training:
+            self.consumed_batches += 1
+        return batch
+
     def state_dict(self) -> dict:
         # consumed, not the stream's read position: the DataLoader has already fetched the next batch
-        return {"consumed_batches": self.consumed_batches}
+        return {"consumed_batches": self.consumed_batches, "prompts_per_rollout": self.prompts_per_rollout}
 
     def load_state_dict(self, state: dict) -> None:
         if "consumed_batches" not in state:
@@ -391,3 +397,15 @@ class RolloutDataModule(L.LightningDataModule):
                 "the prompt order cannot be resumed from it"
             )
         self.consumed_batches = int(state["consumed_batches"])
+        saved = state.get("prompts_per_rollout")
+        if saved is not None and saved != self.prompts_per_rollout:
+            if self.auto_throughput:  # auto measured again and chose differently: keep the run's size
+                self.prompts_per_rollout = int(saved)
+            else:
+                import warnings
+
+                warnings.warn(
+                    f"prompts_per_rollout is {self.prompts_per_rollout}, the checkpoint's run used {saved}: "
+                    "the resumed prompt order does not continue the interrupted run's",
+                    stacklevel=2,
+                )
