@@ -13,6 +13,7 @@ means ``RolloutDataModule``.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
@@ -24,12 +25,23 @@ def _environment() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point (``lit-dash``). Bad input (a knob, a data file, a model name) ends with its
-    one-line message and exit status 2; ``LIT_DASH_DEBUG=1`` shows the traceback instead."""
+    """Console entry point (``lit-dash``).
+
+    Bad input (a knob, a data file, a model name) ends with its one-line message and exit status 2;
+    ``LIT_DASH_DEBUG=1`` shows the traceback instead. SIGTERM stops a fit at the end of the current step
+    (Lightning's handler; StepCheckpoint saves ``last.ckpt`` there). Lightning then exits with status 0,
+    which a scheduler would read as success: this exits with 143 (128 + SIGTERM) instead.
+    """
+    _environment()
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from lit_dash.errors import find_input_error
 
     try:
         build_cli(args)
+    except SIGTERMException:
+        print("[lit_dash] stopped by SIGTERM at a step boundary", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as exc:
         error = find_input_error(exc)
         if error is None or os.environ.get("LIT_DASH_DEBUG"):

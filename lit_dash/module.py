@@ -16,9 +16,11 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 from lit_dash import losses
+from lit_dash.checkpointing import restore_rng_states, rng_states_by_rank
 from lit_dash.data.buffer import MicroBatch, Rollout
 from lit_dash.data.records import Problem
 from lit_dash.errors import ConfigError, RunStopped
@@ -256,16 +258,60 @@ class DashModule(L.LightningModule):
         stats["loss"] = float(loss.detach())
         return loss, stats
 
-    def _accumulate(self, micro_batches: list[MicroBatch], old: list | None, ref: list) -> dict[str, float]:
-        """Forward + backward over micro-batches, normalised by the counts of all of them together."""
-        counts = self.step_counts(micro_batches, self.trainer.datamodule.sampling.max_new_tokens)
+    def _accumulate(
+        self, micro_batches: list[MicroBatch], chunk: list[int], old: dict | None, ref: dict
+    ) -> dict[str, float]:
+        """Forward + backward over the micro-batches ``chunk`` names, normalised by the counts of all of
+        them together, on all ranks together.
+
+        Under DDP every rank must make the same backward calls (each syncing one is an all-reduce), yet
+        filtering leaves each rank its own number of micro-batches. So ``chunk`` counts the most any rank
+        kept; an index past this rank's micro-batches is a zero loss. Only the chunk's last backward syncs
+        (``no_sync`` before it). The loss is normalised by the counts of all ranks and scaled by the world
+        size, so DDP's gradient mean makes the step of the whole world's rollout, split or not.
+        """
+        real = [i for i in chunk if i < len(micro_batches)]
+        counts = self.step_counts(
+            [micro_batches[i] for i in real], self.trainer.datamodule.sampling.max_new_tokens
+        )
+        counts = dict(zip(counts, self._reduce_over_ranks(list(counts.values()), "sum"), strict=True))
+        world = self.trainer.world_size
         totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
-        for i, mb in enumerate(micro_batches):
-            loss, stats = self.micro_batch_loss(mb, counts, old[i] if old is not None else None, ref[i])
-            self.manual_backward(loss)
-            for key, value in stats.items():
-                totals[key] += value
+        for n, i in enumerate(chunk):
+            with self._grad_sync(last=n == len(chunk) - 1):
+                if i < len(micro_batches):
+                    old_i = old[i] if old is not None else None
+                    loss, stats = self.micro_batch_loss(micro_batches[i], counts, old_i, ref.get(i))
+                    for key, value in stats.items():
+                        totals[key] += value
+                else:
+                    loss = self._zero_loss()
+                self.manual_backward(loss * world if world > 1 else loss)
         return totals
+
+    def _reduce_over_ranks(self, values: list[float], op: str) -> list[float]:
+        """Sum or max of each value over all ranks (no-op on one process)."""
+        if self.trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(tensor, op=reduce_op)
+        return tensor.tolist()
+
+    def _grad_sync(self, last: bool):
+        """DDP's ``no_sync`` for every backward but the last of an optimizer step: one all-reduce per step."""
+        model = self.trainer.strategy.model
+        if last or self.trainer.world_size == 1 or not isinstance(model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def _zero_loss(self) -> torch.Tensor:
+        """Exactly 0, yet through a forward of every policy parameter, so its backward reaches them all
+        (what DDP's all-reduce waits for) and adds nothing to any gradient."""
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        with self._autocast():
+            logits = self.policy(input_ids=ids).logits
+        return logits.float().sum() * 0.0
 
     def _optimizer_step(self, loss: float = 0.0) -> float:
         """Clip and step; a non-finite loss or gradient norm skips the update (the grads are dropped)."""
@@ -313,8 +359,10 @@ class DashModule(L.LightningModule):
         stats = {f"train/{k}": v for k, v in rollout.stats().items()}
         stats["train/accuracy"] = float((rollout.rewards >= 1.0).float().mean())
 
-        if not rollout.micro_batches:
-            # Nothing informative survived filtering: a counted no-op step. All grads are None, so
+        # the most micro-batches any rank kept: every rank runs that many backward calls (see _accumulate)
+        num_micro_batches = int(self._reduce_over_ranks([len(rollout.micro_batches)], "max")[0])
+        if num_micro_batches == 0:
+            # Nothing informative survived filtering on any rank: a counted no-op step. All grads are None, so
             # AdamW leaves every weight untouched; stepping keeps Lightning's step count honest.
             self.skipped_steps += 1
             self.optimizers().zero_grad(set_to_none=True)
@@ -333,13 +381,10 @@ class DashModule(L.LightningModule):
             old = {i: self._logprobs_of(self.policy, mb) for i, mb in enumerate(rollout.micro_batches)}
         self._add_time("ref_old_logprobs", time.perf_counter() - start)
 
-        plan = self._update_plan(len(rollout.micro_batches))
+        plan = self._update_plan(num_micro_batches)
         for chunk in plan:
             start = time.perf_counter()
-            mbs = [rollout.micro_batches[i] for i in chunk]
-            totals = self._accumulate(
-                mbs, [old[i] for i in chunk] if old is not None else None, [ref.get(i) for i in chunk]
-            )
+            totals = self._accumulate(rollout.micro_batches, chunk, old, ref)
             self._add_time("forward_backward", time.perf_counter() - start)
             grad_norm = self._optimizer_step(totals["loss"])
         self._log_step(stats, totals, grad_norm)
@@ -388,7 +433,8 @@ class DashModule(L.LightningModule):
         results = []
         log_dir = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
         for name, records in records_by_set.items():
-            write_jsonl(records, f"{log_dir}/eval/{name}_{tag}_step{self.global_step}.jsonl")
+            if self.trainer is None or self.trainer.is_global_zero:  # ranks share the file name
+                write_jsonl(records, f"{log_dir}/eval/{name}_{tag}_step{self.global_step}.jsonl")
             results.append(summarize(name, records))
         return results
 
@@ -414,12 +460,24 @@ class DashModule(L.LightningModule):
         return self.collect_eval_results(records, tag="fit")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning saves weights, optimizer, scheduler, step and the datamodule's prompt position;
+        # the counters and the RNG states of every rank are ours to add
         checkpoint["lit_dash"] = {
             "skipped_steps": self.skipped_steps,
             "nonfinite_steps": self.nonfinite_steps,
+            "rng": rng_states_by_rank(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_steps = checkpoint.get("lit_dash", {}).get("skipped_steps", 0)
-        self.nonfinite_steps = checkpoint.get("lit_dash", {}).get("nonfinite_steps", 0)
+        state = checkpoint.get("lit_dash", {})
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self._rng_to_restore = state.get("rng")
         self.configure_model()
+
+    def on_train_start(self) -> None:
+        # Restored here, not on load: between the two, Lightning creates the DataLoader iterator, which
+        # draws from torch's generator; the interrupted run had drawn that before its checkpoint.
+        if getattr(self, "_rng_to_restore", None) is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None

@@ -78,9 +78,10 @@ class TimingProfile(L.Callback):
         self._overhead = time.perf_counter() - finish_start
 
     def _write(self, trainer) -> None:
+        log_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must ask, or they hang
         if trainer.global_rank != 0:
             return
-        self.path = Path(trainer.log_dir or ".") / self.filename
+        self.path = Path(log_dir or ".") / self.filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = list(self.rows[0])
         with self.path.open("w", newline="") as f:

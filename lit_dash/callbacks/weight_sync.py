@@ -3,10 +3,42 @@ the resumed weights, not the initial ones) and after every optimizer step."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import lightning as L
 import torch
+
+# wrappers FSDP and activation checkpointing put into parameter names; the engine wants transformers names
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _is_fsdp(model: torch.nn.Module | None) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def _full_weights(model: torch.nn.Module | None):
+    """Under FSDP, every rank's full (unsharded) parameters for the duration (a collective: all ranks
+    sync together, which they do, each into its own engine). Elsewhere, nothing to do.
+    The FSDP path is written for configs/gpu/fsdp.yaml and not run in this project's tests."""
+    if _is_fsdp(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+    return contextlib.nullcontext()
+
+
+def _policy_weights(policy: torch.nn.Module, fsdp: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, tensor) pairs; under FSDP the parameters (state_dict is off limits while the
+    full parameters are summoned), with the wrappers' prefixes removed."""
+    pairs = policy.named_parameters() if fsdp else policy.state_dict().items()
+    for name, tensor in pairs:
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        yield name, tensor
 
 
 class WeightSync(L.Callback):
@@ -20,8 +52,9 @@ class WeightSync(L.Callback):
     def sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         engine = trainer.datamodule.engine
         start = time.perf_counter()
-        with torch.no_grad():
-            engine.load_weights(pl_module.policy.state_dict().items())
+        model = trainer.strategy.model
+        with torch.no_grad(), _full_weights(model):
+            engine.load_weights(_policy_weights(pl_module.policy, _is_fsdp(model)))
         self.last_seconds = time.perf_counter() - start
         self.syncs += 1
         self.synced_step = trainer.global_step

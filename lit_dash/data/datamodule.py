@@ -78,37 +78,48 @@ class EngineConfig:
 
 
 class PromptStream(IterableDataset):
-    """An endless, seeded, resumable stream of prompt batches (P problems each), reshuffled every epoch."""
+    """An endless, seeded stream of prompt batches (P problems each), reshuffled every epoch.
 
-    def __init__(self, problems: list[Problem], prompts_per_rollout: int, seed: int) -> None:
+    Batch ``k`` of the stream is a pure function of (problems, P, seed, k): epoch ``k // batches_per_epoch``
+    is shuffled with ``seed`` and that epoch, and the batch is its ``k % batches_per_epoch``-th slice.
+    So a resumed run starts the stream at the number of batches training consumed (``start_batch``) and
+    draws exactly the prompts an uninterrupted run would have drawn. The stream's own read position is
+    no use for that: the DataLoader fetches a batch ahead of the training step.
+    """
+
+    def __init__(
+        self, problems: list[Problem], prompts_per_rollout: int, seed: int, start_batch: int = 0
+    ) -> None:
+        if len(problems) < prompts_per_rollout:
+            raise DataError(
+                f"{len(problems)} training problems (this rank's share) cannot fill one batch of "
+                f"prompts_per_rollout={prompts_per_rollout} prompts: add problems or lower prompts_per_rollout"
+            )
         self.problems = problems
         self.prompts_per_rollout = prompts_per_rollout
         self.seed = seed
-        self.epoch = 0
-        self.position = 0  # index into the current epoch's order
+        self.start_batch = start_batch
+        self.batches_per_epoch = len(problems) // prompts_per_rollout
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
 
-    def _order(self) -> list[int]:
-        order = list(range(len(self.problems)))
-        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
-        return order
+    def _order(self, epoch: int) -> list[int]:
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(self.problems)))
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
+
+    def batch(self, index: int) -> list[Problem]:
+        """Batch ``index`` (0-based) of the stream."""
+        epoch, k = divmod(index, self.batches_per_epoch)
+        p = self.prompts_per_rollout
+        return [self.problems[i] for i in self._order(epoch)[k * p : (k + 1) * p]]
 
     def __iter__(self):
+        index = self.start_batch
         while True:
-            order = self._order()
-            while self.position + self.prompts_per_rollout <= len(order):
-                batch = [
-                    self.problems[i] for i in order[self.position : self.position + self.prompts_per_rollout]
-                ]
-                self.position += self.prompts_per_rollout
-                yield batch
-            self.epoch += 1
-            self.position = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+            yield self.batch(index)
+            index += 1
 
 
 def _problems_collate(batch):
@@ -186,7 +197,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.evaluators: dict[str, Evaluator] = {}
         self.stream: PromptStream | None = None
         self.skipped_long_prompts = 0
-        self._pending_stream_state: dict | None = None
+        self.consumed_batches = 0  # prompt batches training steps have taken: the resumable position
 
     def _check_knobs(self) -> None:
         """Refuse knobs that cannot work together, before any model or engine is loaded."""
@@ -395,10 +406,9 @@ class RolloutDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self.trainer is not None else 1
         shard = self.train_problems[self._rank() :: world]  # each rank samples its own share of prompts
-        self.stream = PromptStream(shard, self.prompts_per_rollout, self._run_seed())
-        if self._pending_stream_state is not None:
-            self.stream.load_state_dict(self._pending_stream_state)
-            self._pending_stream_state = None
+        self.stream = PromptStream(
+            shard, self.prompts_per_rollout, self._run_seed(), start_batch=self.consumed_batches
+        )
         return DataLoader(self.stream, batch_size=None, collate_fn=_problems_collate, num_workers=0)
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -419,8 +429,33 @@ class RolloutDataModule(L.LightningDataModule):
         prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
         return self.buffer.collect(problems, prompts, reward_fn)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Lightning calls this for the batch a training step is about to take, after its one-batch
+        # prefetch: so this counts batches consumed, for RL and SFT modules alike
+        if self.trainer is not None and self.trainer.training:
+            self.consumed_batches += 1
+        return batch
+
     def state_dict(self) -> dict:
-        return {"stream": self.stream.state_dict() if self.stream is not None else None}
+        # consumed, not the stream's read position: the DataLoader has already fetched the next batch
+        return {"consumed_batches": self.consumed_batches, "prompts_per_rollout": self.prompts_per_rollout}
 
     def load_state_dict(self, state: dict) -> None:
-        self._pending_stream_state = state.get("stream")
+        if "consumed_batches" not in state:
+            raise ValueError(
+                "this checkpoint's data state has no consumed_batches (written by an older lit_dash): "
+                "the prompt order cannot be resumed from it"
+            )
+        self.consumed_batches = int(state["consumed_batches"])
+        saved = state.get("prompts_per_rollout")
+        if saved is not None and saved != self.prompts_per_rollout:
+            if self.auto_throughput:  # auto measured again and chose differently: keep the run's size
+                self.prompts_per_rollout = int(saved)
+            else:
+                import warnings
+
+                warnings.warn(
+                    f"prompts_per_rollout is {self.prompts_per_rollout}, the checkpoint's run used {saved}: "
+                    "the resumed prompt order does not continue the interrupted run's",
+                    stacklevel=2,
+                )

@@ -167,7 +167,17 @@ class VLLMEngine(Engine):
             weights.append((name, tensor.detach()))
             if self._tied and name == "model.embed_tokens.weight":
                 weights.append(("lm_head.weight", tensor.detach()))
-        self._model_runner().reload_weights(weights_iterator=iter(weights))
+        try:
+            runner = self._model_runner()
+        except AttributeError:  # tensor_parallel_size > 1: the workers live in their own processes
+            runner = None
+        if runner is not None:
+            runner.reload_weights(weights_iterator=iter(weights))
+        else:
+            # Serialised to every worker (each loads its shard): correct, slower than in-process. Written
+            # for configs/gpu/vllm_tp.yaml; not run in this project (one GPU at most, no vLLM on it).
+            cpu_weights = [(name, tensor.cpu()) for name, tensor in weights]
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cpu_weights})
         self._llm.reset_prefix_cache()
 
     def close(self) -> None:
