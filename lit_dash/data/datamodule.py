@@ -9,7 +9,7 @@ Sampling in the dataloader would let Lightning's one-batch prefetch sample with 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 
 import lightning as L
 import torch
@@ -122,6 +122,21 @@ class PromptStream(IterableDataset):
             index += 1
 
 
+_SCALAR_KNOBS = (
+    "prompt_style",
+    "instruction",
+    "prompts_per_rollout",
+    "group_size",
+    "micro_batch_size",
+    "max_tokens_per_micro_batch",
+    "filter_threshold",
+    "rollout_mode",
+    "max_prompt_tokens",
+    "eval_max_new_tokens",
+    "eval_batch_size",
+)
+
+
 def _problems_collate(batch):
     return batch
 
@@ -191,6 +206,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.eval_max_new_tokens = eval_max_new_tokens
         self.eval_batch_size = eval_batch_size
         self._check_knobs()
+        self._save_knobs_as_hparams()
         self.engine: Engine | None = None
         self.buffer: RolloutBuffer | None = None
         self.train_problems: list[Problem] = []
@@ -198,6 +214,22 @@ class RolloutDataModule(L.LightningDataModule):
         self.stream: PromptStream | None = None
         self.skipped_long_prompts = 0
         self.consumed_batches = 0  # prompt batches training steps have taken: the resumable position
+
+    def _save_knobs_as_hparams(self) -> None:
+        """The data knobs as plain nested dicts, so the logger's hyper-parameters (TensorBoard's HPARAMS tab,
+        hparams.yaml) show ``group_size``, ``sampling/temperature`` etc. beside the module's."""
+
+        def plain(value):
+            return asdict(value) if is_dataclass(value) else value
+
+        knobs = {k: getattr(self, k) for k in _SCALAR_KNOBS}
+        knobs.update(
+            train=plain(self.train_source),
+            eval_sets={name: plain(s) for name, s in self.eval_sources.items()},
+            sampling=plain(self.sampling),
+            engine=plain(self.engine_config),
+        )
+        self.save_hyperparameters(knobs)
 
     def _check_knobs(self) -> None:
         """Refuse knobs that cannot work together, before any model or engine is loaded."""

@@ -1,0 +1,53 @@
+"""What the TensorBoard page shows after a short fit: scalars grouped by prefix, completions as text, and
+the run's hyper-parameters (module and data knobs), read back from the event files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lit_dash.cli import build_cli
+from lit_dash.logs import find_log_dir, read_hparams, read_scalars, read_texts, read_timing
+
+TINY = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
+
+
+@pytest.mark.engine
+def test_event_files_hold_grouped_scalars_samples_and_hparams(tmp_path):
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.callbacks+=lit_dash.callbacks.CompletionSamples",
+            "--trainer.callbacks.every_n_steps=1",
+            "--trainer.callbacks.num_samples=2",
+        ]
+    )
+    log_dir = find_log_dir(tmp_path)
+    assert log_dir == Path(cli.trainer.log_dir)
+
+    scalars = read_scalars(log_dir)
+    groups = {tag.split("/")[0] for tag in scalars}
+    assert {"train", "eval", "time"} <= groups
+    # train/ at the policy version that sampled the rollout, time/ at the optimizer step it produced
+    assert [step for step, _ in scalars["train/reward_mean"]] == [0, 1]
+    assert [step for step, _ in scalars["eval/arithmetic/accuracy"]] == [0, 1, 2]
+    assert [step for step, _ in scalars["time/generation"]] == [1, 2]
+    assert all(v > 0 for _, v in scalars["time/total"])
+    # the CSV and the event files carry the same per-step timings
+    csv_total = [row["total"] for row in read_timing(log_dir)]
+    assert csv_total == pytest.approx([v for _, v in scalars["time/total"]], rel=1e-5)
+
+    texts = read_texts(log_dir)
+    assert [step for step, _ in texts] == [1, 2]
+    assert texts[0][1].count("**prompt**") == 2 and "**reward**" in texts[0][1]
+
+    hparams = read_hparams(log_dir)
+    assert hparams["model"] == "tiny-llama" and hparams["lr"] == pytest.approx(1e-4)
+    assert hparams["group_size"] == 4 and hparams["prompts_per_rollout"] == 4
+    assert hparams["rollout_mode"] == "preemptive" and hparams["sampling/max_new_tokens"] == 16
+    assert hparams["train/difficulty"] == "add1" and hparams["eval_sets/arithmetic/num_problems"] == 8
