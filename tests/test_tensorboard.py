@@ -3,6 +3,7 @@ the run's hyper-parameters (module and data knobs), read back from the event fil
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,19 @@ def test_event_files_hold_grouped_scalars_samples_and_hparams(tmp_path):
     assert hparams["group_size"] == 4 and hparams["prompts_per_rollout"] == 4
     assert hparams["rollout_mode"] == "preemptive" and hparams["sampling/max_new_tokens"] == 16
     assert hparams["train/difficulty"] == "add1" and hparams["eval_sets/arithmetic/num_problems"] == 8
+
+
+def test_find_log_dir_takes_the_newest_run_and_names_a_folder_without_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        find_log_dir(tmp_path)
+    old, new = tmp_path / "lightning_logs" / "version_0", tmp_path / "lightning_logs" / "version_1"
+    for folder, mtime in ((new, 2_000_000_000), (old, 1_000_000_000)):
+        folder.mkdir(parents=True)
+        (folder / "timing.csv").write_text("step,total,generation\n1.0,2.5,1.5\n2.0,3.0,2.0\n")
+        os.utime(folder, (mtime, mtime))
+    assert find_log_dir(tmp_path) == new
+    assert find_log_dir(old) == old
+    assert read_timing(tmp_path) == [
+        {"step": 1.0, "total": 2.5, "generation": 1.5},
+        {"step": 2.0, "total": 3.0, "generation": 2.0},
+    ]
