@@ -3,6 +3,7 @@ committed notebooks carry no outputs."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nbformat
@@ -41,6 +42,9 @@ def test_notebook_runs_and_saves_its_figures(path, tmp_path, monkeypatch):
     for name in ("LIT_DASH_NB_STEPS", "LIT_DASH_NB_GRPO_RUN", "LIT_DASH_NB_DASH_RUN"):
         monkeypatch.delenv(name, raising=False)
     book = nbformat.read(path, as_version=4)
+    book.cells.append(
+        nbformat.v4.new_code_cell("import sys, lit_dash; print(sys.executable, lit_dash.__file__)")
+    )
     # the kernel is this interpreter (jupyter_client maps the spec's "python" to sys.executable), started in
     # notebooks/ as a user's Jupyter would; the notebook finds the repository root itself
     client = NotebookClient(
@@ -49,6 +53,11 @@ def test_notebook_runs_and_saves_its_figures(path, tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    # this interpreter, and this checkout's lit_dash (not another installed copy)
+    assert book.cells[-1].outputs[0]["text"].split() == [
+        sys.executable,
+        str(REPO / "lit_dash" / "__init__.py"),
+    ]
     for figure in FIGURES[path.stem]:
         png = tmp_path / path.stem / f"{figure}.png"
         assert png.exists(), f"{path.name} did not save {png.name}"
