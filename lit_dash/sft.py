@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from lit_dash.data.buffer import MicroBatch
+from lit_dash.data.buffer import MicroBatch, pad_micro_batch
 from lit_dash.data.datamodule import RolloutDataModule
 from lit_dash.data.formatting import format_prompts
 from lit_dash.data.records import Problem
@@ -76,15 +76,7 @@ def sft_token_rows(
 def sft_micro_batch(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> MicroBatch:
     """Right-padded ``prompt + target`` rows; ``completion_mask [b, L-1]`` marks the positions whose
     next token is a target token (aligned with ``logits[:, :-1]``), the same layout as an RL micro-batch."""
-    width = max(len(p) + len(t) for p, t in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
-    for i, (p, t) in enumerate(rows):
-        input_ids[i, : len(p) + len(t)] = torch.tensor(p + t, dtype=torch.long)
-        attention[i, : len(p) + len(t)] = 1
-        target_mask[i, len(p) - 1 : len(p) + len(t) - 1] = 1.0
-    return MicroBatch(input_ids, attention, target_mask, torch.ones(len(rows)), list(range(len(rows))))
+    return pad_micro_batch(rows, pad_token_id, torch.ones(len(rows)), list(range(len(rows))))
 
 
 class SftDataModule(RolloutDataModule):

@@ -21,7 +21,15 @@ from lit_dash.data.records import Problem
 from lit_dash.engines.base import Completion, Engine, SamplingConfig
 from lit_dash.rewards.scoring import RewardError, check_rewards, score_completions
 
-__all__ = ["MicroBatch", "Rollout", "RolloutBuffer", "RewardError", "check_rewards", "ROLLOUT_MODES"]
+__all__ = [
+    "MicroBatch",
+    "Rollout",
+    "RolloutBuffer",
+    "RewardError",
+    "check_rewards",
+    "pad_micro_batch",
+    "ROLLOUT_MODES",
+]
 
 ROLLOUT_MODES = ("preemptive", "per_micro_batch")
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
@@ -211,12 +219,20 @@ class RolloutBuffer:
         advantages: torch.Tensor,
     ) -> MicroBatch:
         seqs = [(prompt_ids[completions[r].prompt_index], completions[r].token_ids) for r in rows]
-        width = max(len(p) + len(c) for p, c in seqs)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        completion_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
-        for i, (p, c) in enumerate(seqs):
-            input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-            attention[i, : len(p) + len(c)] = 1
-            completion_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
-        return MicroBatch(input_ids, attention, completion_mask, advantages[rows].clone(), rows)
+        return pad_micro_batch(seqs, self.pad_token_id, advantages[rows].clone(), rows)
+
+
+def pad_micro_batch(
+    seqs: list[tuple[list[int], list[int]]], pad_token_id: int, advantages: torch.Tensor, rows: list[int]
+) -> MicroBatch:
+    """Right-pad ``(prompt ids, completion ids)`` pairs into one :class:`MicroBatch`; the completion mask
+    marks the positions whose next token is a completion token (aligned with ``logits[:, :-1]``)."""
+    width = max(len(p) + len(c) for p, c in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
+    for i, (p, c) in enumerate(seqs):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        attention[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
+    return MicroBatch(input_ids, attention, completion_mask, advantages, rows)
