@@ -290,13 +290,11 @@ class DashModule(L.LightningModule):
         return totals
 
     def _reduce_over_ranks(self, values: list[float], op: str) -> list[float]:
-        """Sum or max of each value over all ranks (no-op on one process)."""
-        if self.trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+        """Sum or max of each value over all ranks, through the strategy (a no-op on one process)."""
+        if self.trainer.world_size == 1:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
-        torch.distributed.all_reduce(tensor, op=reduce_op)
-        return tensor.tolist()
+        return self.trainer.strategy.reduce(tensor, reduce_op=op).tolist()
 
     def _grad_sync(self, last: bool):
         """DDP's ``no_sync`` for every backward but the last of an optimizer step: one all-reduce per step."""
