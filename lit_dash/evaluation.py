@@ -1,4 +1,9 @@
-"""Greedy evaluation on held-out problems: accuracy, length, answered fraction, tokens/s.
+"""Greedy evaluation on held-out problems: accuracy, length, answered fraction, tokens/s, and how many
+answers are unevaluated expressions that equal the reference (``\\boxed{23 + 73}`` for 96).
+
+Accuracy comes from the reward (the module's, strict by default). The ``verdict`` of every record comes
+from :func:`lit_dash.rewards.math_verdicts` whatever the reward is, so a lenient or custom reward that pays
+unevaluated answers shows up as ``unevaluated`` beside its accuracy instead of hiding inside it.
 
 One :class:`Evaluator` serves both ``lit-dash validate`` (through the module's validation step) and the
 evaluation callback during training, so the numbers mean the same thing in both places.
@@ -14,7 +19,8 @@ from pathlib import Path
 from lit_dash.data.formatting import INSTRUCTION, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Engine, SamplingConfig
-from lit_dash.rewards import extract_answer, math_rewards
+from lit_dash.rewards import extract_answer, math_rewards, math_verdicts
+from lit_dash.rewards.math import UNEVALUATED
 from lit_dash.rewards.scoring import score_completions
 
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
@@ -26,7 +32,9 @@ def default_reward(completions: list[str], problems: list[Problem]) -> list[floa
 
 @dataclass
 class EvalResult:
-    """Summary of one evaluation set. ``mean_completion_tokens`` is in tokens, the rest are fractions."""
+    """Summary of one evaluation set. ``mean_completion_tokens`` is in tokens, the rest are fractions of the
+    problems; ``unevaluated_fraction`` counts answers equal to the reference only once their arithmetic is
+    done (``\\boxed{23 + 73}`` for 96), which the strict reward scores 0 and a lenient one pays."""
 
     name: str
     num_problems: int
@@ -35,6 +43,7 @@ class EvalResult:
     answered_fraction: float
     truncated_fraction: float
     generation_tokens_per_second: float
+    unevaluated_fraction: float = 0.0
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         base = f"{prefix}/{self.name}"
@@ -44,6 +53,7 @@ class EvalResult:
             f"{base}/answered": self.answered_fraction,
             f"{base}/truncated": self.truncated_fraction,
             f"{base}/tokens_per_s": self.generation_tokens_per_second,
+            f"{base}/unevaluated": self.unevaluated_fraction,
         }
 
 
@@ -81,6 +91,9 @@ class Evaluator:
         result = engine.generate(prompts, 1, self.sampling)
         texts = [c.text for c in result.completions]
         rewards = score_completions(reward_fn, texts, problems).tolist()
+        verdicts = math_verdicts(
+            texts, [p.answer for p in problems], last_number_fallback=self.last_number_fallback
+        )
         seconds_each = result.seconds / max(len(problems), 1)
         return [
             {
@@ -91,11 +104,14 @@ class Evaluator:
                 "completion": c.text,
                 "extracted": extract_answer(c.text, self.last_number_fallback),
                 "reward": float(r),
+                "verdict": v,
                 "completion_tokens": len(c.token_ids),
                 "truncated": c.truncated,
                 "seconds": seconds_each,
             }
-            for p, prompt, c, r in zip(problems, prompts, result.completions, rewards, strict=True)
+            for p, prompt, c, r, v in zip(
+                problems, prompts, result.completions, rewards, verdicts, strict=True
+            )
         ]
 
     def records(self, engine: Engine, reward_fn: RewardFn = default_reward) -> list[dict]:
@@ -126,6 +142,7 @@ def summarize(name: str, records: list[dict]) -> EvalResult:
         answered_fraction=sum(r["extracted"] is not None for r in records) / n,
         truncated_fraction=sum(bool(r["truncated"]) for r in records) / n,
         generation_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        unevaluated_fraction=sum(r.get("verdict") == UNEVALUATED for r in records) / n,
     )
 
 
@@ -141,13 +158,14 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
 def format_results(results: list[EvalResult]) -> str:
     """A small table for the terminal."""
     lines = [
-        "| set | problems | accuracy | answered | mean tokens | truncated | gen tok/s |",
-        "|---" * 7 + "|",
+        "| set | problems | accuracy | unevaluated = ref | answered | mean tokens | truncated | gen tok/s |",
+        "|---" * 8 + "|",
     ]
     for r in results:
         d = asdict(r)
         lines.append(
-            f"| {d['name']} | {d['num_problems']} | {r.accuracy:.1%} | {r.answered_fraction:.1%} | "
+            f"| {d['name']} | {d['num_problems']} | {r.accuracy:.1%} | {r.unevaluated_fraction:.1%} | "
+            f"{r.answered_fraction:.1%} | "
             f"{r.mean_completion_tokens:.1f} | {r.truncated_fraction:.1%} | {r.generation_tokens_per_second:.0f} |"
         )
     return "\n".join(lines)

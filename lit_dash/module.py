@@ -62,6 +62,8 @@ class DashModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         answer_fallback: the default reward also accepts the last number of a completion with no
             ``\\boxed{}`` answer (off in the paper's recipes; on in the demo, for a 135M model that rarely boxes).
+        require_final_form: the default reward pays only answers in final form; ``\\boxed{23 + 73}`` for 96
+            scores 0 (false: math_verify's lenient equivalence, which pays it; see rewards/final_form.py).
         seed: engine and prompt-order seed; null uses seed_everything's.
         max_nonfinite_steps: a step whose loss or gradient is NaN or infinite is skipped (no update,
             counted as train/nonfinite_steps); this many in a row stop the run.
@@ -88,6 +90,7 @@ class DashModule(L.LightningModule):
         precision: str = "auto",
         gradient_checkpointing: bool = False,
         answer_fallback: bool = False,
+        require_final_form: bool = True,
         seed: int | None = None,
         model_cache: str | None = None,
         max_nonfinite_steps: int = 3,
@@ -160,10 +163,14 @@ class DashModule(L.LightningModule):
         """Score each completion (one float each). Override in a subclass for a new reward.
 
         ``problems[i]`` is the problem completion i answers (reference in ``.answer``, extra columns in
-        ``.extra``). The default is 1.0 when the last ``\\boxed{}`` is equivalent to the reference.
+        ``.extra``). The default is 1.0 when the last ``\\boxed{}`` is equivalent to the reference and in
+        final form (``model.require_final_form``).
         """
         return math_rewards(
-            completions, [p.answer for p in problems], last_number_fallback=self.hparams.answer_fallback
+            completions,
+            [p.answer for p in problems],
+            last_number_fallback=self.hparams.answer_fallback,
+            require_final_form=self.hparams.require_final_form,
         )
 
     # ---- optimisation -------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from lit_dash.data.records import Problem
 from lit_dash.evaluation import Evaluator, format_results, summarize
 
 
-def _record(reward, extracted, tokens, truncated, seconds):
+def _record(reward, extracted, tokens, truncated, seconds, verdict="wrong"):
     return {
         "reward": reward,
+        "verdict": verdict,
         "extracted": extracted,
         "completion_tokens": tokens,
         "truncated": truncated,
@@ -23,8 +24,8 @@ def _record(reward, extracted, tokens, truncated, seconds):
 def test_summary_matches_hand_computed_values():
     records = [
         _record(1.0, "5", 10, False, 0.5),
-        _record(0.0, "7", 30, False, 0.5),
-        _record(0.0, None, 40, True, 1.0),
+        _record(0.0, "3 + 4", 30, False, 0.5, verdict="unevaluated"),
+        _record(0.0, None, 40, True, 1.0, verdict="no_answer"),
         _record(1.0, "2", 20, False, 0.5),
     ]
     r = summarize("toy", records)
@@ -33,9 +34,11 @@ def test_summary_matches_hand_computed_values():
     assert r.mean_completion_tokens == 25.0  # (10 + 30 + 40 + 20) / 4
     assert r.answered_fraction == 0.75  # 3 of 4 have a boxed answer
     assert r.truncated_fraction == 0.25
+    assert r.unevaluated_fraction == 0.25  # 1 of 4 boxes an expression equal to the reference
     assert r.generation_tokens_per_second == pytest.approx(100 / 2.5)
     assert r.metrics()["eval/toy/accuracy"] == 0.5
-    assert "| toy | 4 | 50.0% | 75.0% | 25.0 |" in format_results([r])
+    assert r.metrics()["eval/toy/unevaluated"] == 0.25
+    assert "| toy | 4 | 50.0% | 25.0% | 75.0% | 25.0 |" in format_results([r])
 
 
 def test_evaluator_on_the_real_engine_writes_scored_jsonl(tiny_engine, tmp_path):
@@ -54,6 +57,7 @@ def test_evaluator_on_the_real_engine_writes_scored_jsonl(tiny_engine, tmp_path)
     assert all(r["reward"] == float(len(r["completion"]) % 2 == 0) for r in rows)
     assert result.accuracy == sum(r["reward"] for r in rows) / 5
     assert all(1 <= r["completion_tokens"] <= 8 for r in rows)
+    assert all(r["verdict"] in ("correct", "unevaluated", "wrong", "no_answer") for r in rows)
     again = evaluator.run(tiny_engine, first_token_even)  # greedy: the same completions again
     assert again.accuracy == result.accuracy and again.mean_completion_tokens == result.mean_completion_tokens
 
@@ -73,3 +77,30 @@ def test_real_smollm2_on_gsm8k_slice_through_vllm(smollm2_engine, tmp_path):
     # an instruction-tuned model writes real text, mostly English words, not token soup
     assert all(len(r["completion"].split()) >= 5 for r in rows)
     assert 0.0 <= result.accuracy <= 1.0 and result.generation_tokens_per_second > 0
+
+
+def test_unevaluated_answers_are_reported_whatever_the_reward():
+    """A lenient reward pays ``\\boxed{2 + 3}`` for 5; the evaluator still reports it as unevaluated."""
+    from lit_dash.rewards import math_rewards
+
+    problems = [Problem(question="What is 2 + 3?", answer="5", source_id="t:0")] * 3
+    texts = ["\\boxed{2 + 3}", "\\boxed{5}", "\\boxed{6}"]
+
+    def lenient(completions, probs):
+        return math_rewards(completions, [p.answer for p in probs], require_final_form=False)
+
+    class Canned:  # the three completions above, as an engine would return them
+        tokenizer = None
+
+        def generate(self, prompts, n, sampling):
+            from lit_dash.engines.base import Completion, GenerationResult
+
+            comps = [Completion(i, t, [1] * 4, [], False) for i, t in enumerate(texts)]
+            return GenerationResult([[1]] * 3, comps, 1.0)
+
+    evaluator = Evaluator("toy", problems, prompt_style="raw")
+    records = evaluator.score_batch(Canned(), problems, lenient)
+    assert [r["verdict"] for r in records] == ["unevaluated", "correct", "wrong"]
+    result = summarize("toy", records)
+    assert result.accuracy == pytest.approx(2 / 3)  # what the lenient reward paid
+    assert result.unevaluated_fraction == pytest.approx(1 / 3)  # and how much of it was the hack

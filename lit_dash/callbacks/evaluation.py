@@ -61,8 +61,9 @@ class MathEvaluation(L.Callback):
             first, last = self.first_and_last(name)
             lines.append(
                 f"  {name}: {first.accuracy:.1%} -> {last.accuracy:.1%} "
-                f"({last.num_problems} problems, greedy; mean length {first.mean_completion_tokens:.0f} -> "
-                f"{last.mean_completion_tokens:.0f} tokens)"
+                f"({last.num_problems} problems, greedy; unevaluated expressions equal to the reference "
+                f"{first.unevaluated_fraction:.1%} -> {last.unevaluated_fraction:.1%}; mean length "
+                f"{first.mean_completion_tokens:.0f} -> {last.mean_completion_tokens:.0f} tokens)"
             )
         if lines:
             rank_zero_info("[lit_dash] held-out accuracy, first -> last evaluation:\n" + "\n".join(lines))

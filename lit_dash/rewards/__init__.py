@@ -1,11 +1,19 @@
-"""Rewards for RL fine-tuning: exact-answer checking of math completions."""
+"""Rewards for RL fine-tuning: exact-answer checking of math completions, answers in final form."""
 
 from lit_dash.rewards.math import (
     extract_answer,
     has_answer,
     math_reward,
     math_rewards,
+    math_verdicts,
     warm_up_reward_workers,
 )
 
-__all__ = ["math_reward", "math_rewards", "extract_answer", "has_answer", "warm_up_reward_workers"]
+__all__ = [
+    "math_reward",
+    "math_rewards",
+    "math_verdicts",
+    "extract_answer",
+    "has_answer",
+    "warm_up_reward_workers",
+]

@@ -1,4 +1,10 @@
-"""Exact-answer reward for math reasoning: is the completion's final ``\\boxed{}`` equal to the reference?
+"""Exact-answer reward for math reasoning: is the completion's final ``\\boxed{}`` equal to the reference,
+and is it a final answer rather than arithmetic left for the verifier (``\\boxed{23 + 73}`` for 96)?
+
+Each completion gets a verdict (:func:`math_verdicts`): ``correct``, ``unevaluated`` (equivalent only once
+its arithmetic is done; see :mod:`lit_dash.rewards.final_form`), ``wrong`` or ``no_answer``. The reward
+(:func:`math_rewards`) pays 1.0 for ``correct`` only, unless ``require_final_form=False`` restores the
+lenient rule that also pays ``unevaluated``.
 
 Equivalence is decided by `math_verify <https://github.com/huggingface/Math-Verify>`_ (LaTeX -> SymPy and a
 battery of comparisons), never by a hand-written normaliser. What this module adds is *containment*: a
@@ -47,6 +53,8 @@ __all__ = [
     "has_answer",
     "math_reward",
     "math_rewards",
+    "math_verdicts",
+    "VERDICTS",
     "warm_up_reward_workers",
     "MAX_ANSWER_CHARS",
 ]
@@ -98,14 +106,22 @@ def _parse_reference(reference: str) -> Any:
     return parse(f"${reference}$", parsing_timeout=None)
 
 
-def _score(answer: str, reference: str) -> float:
+CORRECT, UNEVALUATED, WRONG, NO_ANSWER = "correct", "unevaluated", "wrong", "no_answer"
+VERDICTS = (CORRECT, UNEVALUATED, WRONG, NO_ANSWER)
+
+
+def _verdict(answer: str, reference: str) -> str:
+    """``correct``: equivalent and in final form; ``unevaluated``: equivalent only once the arithmetic it
+    leaves is done (``23 + 73`` for 96); ``wrong`` otherwise."""
     from math_verify import parse, verify
+
+    from lit_dash.rewards.final_form import is_final_form
 
     gold = _parse_reference(reference)
     pred = parse(f"$\\boxed{{{answer}}}$", parsing_timeout=None)
-    if not gold or not pred:
-        return 0.0
-    return 1.0 if verify(gold, pred, timeout_seconds=None) else 0.0
+    if not gold or not pred or not verify(gold, pred, timeout_seconds=None):
+        return WRONG
+    return CORRECT if is_final_form(pred, gold) else UNEVALUATED
 
 
 def _worker_entry(read_fd: int, write_fd: int) -> None:
@@ -122,7 +138,7 @@ def _worker_entry(read_fd: int, write_fd: int) -> None:
     signal.signal(signal.SIGALRM, on_timer)
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # "Timeout is disabled" etc. are expected here
-    _score("1", "1")  # warm-up: the first parse compiles regexes and fills SymPy caches (~0.3 s)
+    _verdict("1", "1")  # warm-up: the first parse compiles regexes and fills SymPy caches (~0.3 s)
     outbox.send("ready")
     while True:
         try:
@@ -132,16 +148,16 @@ def _worker_entry(read_fd: int, write_fd: int) -> None:
         if msg is None:
             return
         answer, reference, soft_timeout_s = msg
-        score = 0.0
+        verdict = WRONG
         try:
             signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
             try:
-                score = _score(answer, reference)
+                verdict = _verdict(answer, reference)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-        except BaseException:  # noqa: BLE001 - _SoftTimeout, RecursionError, MemoryError...: all score 0
-            score = 0.0
-        outbox.send(score)
+        except BaseException:  # noqa: BLE001 - _SoftTimeout, RecursionError, MemoryError...: all wrong
+            verdict = WRONG
+        outbox.send(verdict)
 
 
 # ------------------------------------------------------------------------------------- parent side
@@ -287,9 +303,10 @@ class _VerifierPool:
         for w in workers:
             w.kill()
 
-    def run(self, tasks: list[tuple[str, str]], timeout_s: float) -> list[float]:
-        """Score ``(answer, reference)`` pairs; each gets ``timeout_s`` of worker time from dispatch."""
-        results = [0.0] * len(tasks)
+    def run(self, tasks: list[tuple[str, str]], timeout_s: float) -> list[str]:
+        """Verdicts on ``(answer, reference)`` pairs; each gets ``timeout_s`` of worker time from dispatch
+        (one that misses it is ``wrong``)."""
+        results = [WRONG] * len(tasks)
         todo = deque(range(len(tasks)))
         active: dict[Connection, _Slot] = {}
 
@@ -336,7 +353,7 @@ class _VerifierPool:
                     if msg == "ready":
                         slot.worker.ready = True
                     elif slot.idx is not None:
-                        results[slot.idx] = float(msg)
+                        results[slot.idx] = str(msg)
                     if todo:
                         dispatch(slot)
                     else:
@@ -391,48 +408,69 @@ def warm_up_reward_workers(timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
     _POOL.warm_up(timeout_s)
 
 
-def math_rewards(
+def math_verdicts(
     completions: list[str], references: list[str], timeout_s: float = 2.0, last_number_fallback: bool = False
-) -> list[float]:
-    """Batched :func:`math_reward`: 1.0 / 0.0 per completion, scored in parallel on the worker pool.
+) -> list[str]:
+    """One verdict per completion: ``correct``, ``unevaluated`` (equivalent to the reference only once the
+    arithmetic it leaves is done, e.g. ``\\boxed{23 + 73}`` for 96), ``wrong`` or ``no_answer``.
 
     This is the RL hot path (hundreds of completions per step). Each item gets ``timeout_s`` of worker time
     once it is dispatched; with ``W`` workers a batch takes at most about ``ceil(n / W) * timeout_s``.
-    Completions without a usable boxed answer, or whose answer is character-for-character the reference,
-    are scored in the caller without IPC, and repeated ``(answer, reference)`` pairs are verified once.
+    Completions without a usable answer, or whose answer is character-for-character the reference, are
+    judged in the caller without IPC, and repeated ``(answer, reference)`` pairs are verified once.
     """
     if len(completions) != len(references):
         raise ValueError(f"got {len(completions)} completions but {len(references)} references")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-    # Samples of one prompt often agree on the answer, so each distinct (answer, reference) is scored once.
+    verdicts = [NO_ANSWER] * len(completions)
+    # Samples of one prompt often agree on the answer, so each distinct (answer, reference) is verified once.
     task_of: dict[tuple[str, str], list[int]] = {}
-    exact: list[int] = []
     for i, (completion, reference) in enumerate(zip(completions, references, strict=True)):
         if not isinstance(completion, str) or not isinstance(reference, str) or not reference.strip():
+            verdicts[i] = WRONG if isinstance(completion, str) and has_answer(completion) else NO_ANSWER
             continue
         answer, reference = extract_answer(completion, last_number_fallback), reference.strip()
-        if answer is None or len(answer) > MAX_ANSWER_CHARS:
+        if answer is None:
             continue
-        if answer == reference:  # the same LaTeX is the same answer: no need to ask SymPy
-            exact.append(i)
-            continue
-        task_of.setdefault((answer, reference), []).append(i)
-    scores = [0.0] * len(completions)
-    for i in exact:
-        scores[i] = 1.0
+        if len(answer) > MAX_ANSWER_CHARS:
+            verdicts[i] = WRONG
+        elif answer == reference:  # the same LaTeX is the same answer, in the reference's own form
+            verdicts[i] = CORRECT
+        else:
+            task_of.setdefault((answer, reference), []).append(i)
     if task_of:
         tasks = list(task_of)
-        for task, score in zip(tasks, _POOL.run(tasks, timeout_s), strict=True):
+        for task, verdict in zip(tasks, _POOL.run(tasks, timeout_s), strict=True):
             for i in task_of[task]:
-                scores[i] = score
-    return scores
+                verdicts[i] = verdict
+    return verdicts
 
 
-def math_reward(completion: str, reference: str, timeout_s: float = 2.0) -> float:
-    """1.0 iff the completion's last ``\\boxed{}`` answer equals ``reference`` per math_verify, else 0.0.
+def math_rewards(
+    completions: list[str],
+    references: list[str],
+    timeout_s: float = 2.0,
+    last_number_fallback: bool = False,
+    require_final_form: bool = True,
+) -> list[float]:
+    """Batched :func:`math_reward`: 1.0 / 0.0 per completion, judged in parallel on the worker pool.
+
+    With ``require_final_form`` (the default) an answer that equals the reference only once its arithmetic
+    is done (``\\boxed{23 + 73}`` for 96) scores 0; ``False`` restores math_verify's lenient equivalence.
+    """
+    rewarded = (CORRECT, UNEVALUATED) if not require_final_form else (CORRECT,)
+    verdicts = math_verdicts(completions, references, timeout_s, last_number_fallback)
+    return [1.0 if v in rewarded else 0.0 for v in verdicts]
+
+
+def math_reward(
+    completion: str, reference: str, timeout_s: float = 2.0, require_final_form: bool = True
+) -> float:
+    """1.0 iff the completion's last ``\\boxed{}`` answer equals ``reference`` per math_verify (and, by
+    default, is in final form: see :mod:`lit_dash.rewards.final_form`), else 0.0.
 
     ``reference`` is a plain answer (``"18"``, ``"\\frac{1}{2}"``, ``"(3, \\frac{\\pi}{2})"``). Never raises
     on any completion text and returns within about ``timeout_s``, from any thread.
     """
-    return math_rewards([completion], [reference], timeout_s)[0]
+    return math_rewards([completion], [reference], timeout_s, require_final_form=require_final_form)[0]
