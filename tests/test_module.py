@@ -199,3 +199,17 @@ def test_dropping_zero_advantage_rows_leaves_the_gradient_as_it_was(tiny_engine,
     for name, g in grads_off.items():
         torch.testing.assert_close(grads_kept[name], g * factor, rtol=1e-5, atol=1e-5 * float(g.abs().max()))
     assert kept_norm / off_norm == pytest.approx(factor, rel=1e-5) and factor > 1.0
+
+
+def test_two_budgets_that_disagree_fail_before_the_engine_starts(tmp_path):
+    import lightning as L
+
+    from lit_dash.data.datamodule import RolloutDataModule
+    from lit_dash.errors import ConfigError
+
+    module = DashModule(model="tiny-llama", update="multi", ppo_epochs=3, max_rollouts=4)
+    data = RolloutDataModule(prompts_per_rollout=2, group_size=2, micro_batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"max_rollouts=4 \(= 12 optimizer steps with update=multi\) and "):
+        trainer.fit(module, datamodule=data)
+    assert data.engine is None and module.policy is None, "nothing was loaded"

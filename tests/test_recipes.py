@@ -101,3 +101,5 @@ def test_every_n_steps_and_rollouts_are_exclusive():
         MathEvaluation(every_n_steps=2, every_n_rollouts=2)
     with pytest.raises(ValueError, match="every_n_rollouts must be >= 1"):
         StepCheckpoint(every_n_rollouts=0)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        StepCheckpoint(every_n_rollouts=5, every_n_epochs=1)

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lit_dash.callbacks.cadence import Cadence, steps_per_rollout
+from lit_dash.errors import ConfigError
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -36,6 +37,11 @@ class StepCheckpoint(ModelCheckpoint):
         self.cadence = None
         if steps or every_n_rollouts is not None:
             self.cadence = Cadence(steps or None, every_n_rollouts, default_steps=1, owner="StepCheckpoint")
+            if kwargs.get("train_time_interval") is not None or kwargs.get("every_n_epochs"):
+                raise ConfigError(
+                    "StepCheckpoint: every_n_train_steps / every_n_rollouts, every_n_epochs and "
+                    "train_time_interval are mutually exclusive"
+                )
             kwargs["every_n_train_steps"] = 0  # this class decides when; 0 (not None) adds no epoch trigger
         super().__init__(*args, **kwargs)
         self.every_n_rollouts = every_n_rollouts
