@@ -19,7 +19,8 @@ Why these particular pieces (see DASH, arXiv 2505.17218, and the GRPO / DAPO / D
 * groups whose rewards are all equal give zero advantage, hence zero gradient, and are the samples DASH's
   preemptive sampling tries to avoid; ``zero_variance_groups`` finds them;
 * DASH's gradient filtering drops samples with ``|A| <= 0.1`` (``filter_mask``) because they cost a full
-  forward/backward but contribute almost nothing to the update;
+  forward/backward but contribute almost nothing to the update; ``keep_mask`` applies the threshold in
+  units of the group's std, so it keeps the same samples whether or not the advantages are std-scaled;
 * the loss-aggregation mode decides how tokens are weighted (``aggregate_loss``), and it must give the same
   step loss however the kept samples are split into micro-batches (see ``aggregate_loss``).
 """
@@ -39,6 +40,7 @@ __all__ = [
     "filter_mask",
     "global_loss_counts",
     "group_advantages",
+    "keep_mask",
     "kl_penalty",
     "policy_loss",
     "token_logprobs",
@@ -125,6 +127,22 @@ def filter_mask(advantages: Tensor, threshold: float) -> Tensor:
     (``|A| >= 0 > threshold``), which is how filtering is switched off.
     """
     return advantages.abs() > threshold
+
+
+def keep_mask(rewards: Tensor, group_size: int, threshold: float, eps: float = 1e-4) -> Tensor:
+    """Keep-mask for gradient filtering, in units of each group's spread.
+
+    Shapes: ``rewards [B]`` (group-contiguous, ``B = P * G``) -> ``[B]`` bool.
+
+    Keeps ``|r - mean_g(r)| > threshold * (std_g(r) + eps)``, i.e. ``filter_mask`` of the std-scaled
+    advantages (``group_advantages(..., scale_by_std=True)``), whatever advantages the loss then uses.
+    So the threshold means the same with or without ``scale_rewards``: on raw advantages ``r - mean``
+    (Dr. GRPO) a fixed 0.1 would drop one side of a group, e.g. G=16 with one success has negatives at
+    ``|A| = 1/16`` (dropped) and the positive at ``15/16`` (kept), a biased update; in std units both sides
+    sit at ``0.25`` and ``3.75`` and both are kept. All-equal groups give 0 and are dropped for any
+    ``threshold >= 0``. Needs ``group_size >= 2`` (the unbiased std).
+    """
+    return filter_mask(group_advantages(rewards, group_size, scale_by_std=True, eps=eps), threshold)
 
 
 # --------------------------------------------------------------------------------------------------------

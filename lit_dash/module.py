@@ -30,6 +30,7 @@ from lit_dash.models import check_model_name, resolve_model
 from lit_dash.rewards import math_rewards
 
 UPDATE_MODES = ("dash", "multi", "mini")
+NORMALIZE_OVER = ("rollout", "kept")
 
 
 class NonFiniteLossError(RunStopped):
@@ -48,15 +49,25 @@ class DashModule(L.LightningModule):
         max_grad_norm: gradient-norm clip; null disables.
         kl_coef: weight of the KL penalty to the frozen initial model; 0 loads no reference model.
         kl_estimator: k1, k2 or k3 (per token).
-        loss_agg: constant (Dr. GRPO / the paper: sum / (kept completions x max_new_tokens)),
+        loss_agg: constant (Dr. GRPO / the paper: sum / (completions x max_new_tokens)),
             token_mean (DAPO) or seq_mean (GRPO).
+        normalize_over: which completions the loss's denominators count (completions, tokens or
+            sequences, by loss_agg): rollout (every completion sampled for the step, before filtering: a
+            dropped completion weighs as a kept one with zero advantage, so at kl_coef 0 dropping
+            zero-advantage completions leaves the gradient exactly as it was) or kept (only those that
+            survived filtering: the gradient grows by sampled / kept). In update=mini each step's slice
+            counts 1/ppo_mini_batches of the rollout's sampled completions (rollout) or its own (kept).
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
         clip_eps_low: PPO ratio clip below 1 (only binds off-policy: multi / mini).
         clip_eps_high: PPO ratio clip above 1 (DAPO clip-higher when larger than clip_eps_low).
         update: dash (one optimizer step per rollout), multi (ppo_epochs passes over the rollout, one step
             each) or mini (ppo_mini_batches optimizer steps, each on a slice of the rollout).
         ppo_epochs: passes for update=multi.
-        ppo_mini_batches: optimizer steps per rollout for update=mini.
+        ppo_mini_batches: optimizer steps per rollout for update=mini, each on one of as many slices of the
+            kept completions (a slice with nothing kept is a counted no-op step).
+        max_rollouts: the training budget in rollouts (prompt batches), whatever the update mode: sets
+            trainer.max_steps to max_rollouts x optimizer steps per rollout (1, ppo_epochs or
+            ppo_mini_batches) and the linear LR schedule's length; null leaves trainer.max_steps in charge.
         precision: auto (bf16 autocast where the hardware has native bf16, else fp32), bfloat16 or float32.
             Weights stay fp32 (master weights) either way.
         gradient_checkpointing: trade compute for activation memory.
@@ -81,12 +92,14 @@ class DashModule(L.LightningModule):
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
         loss_agg: str = "constant",
+        normalize_over: str = "rollout",
         scale_rewards: bool = True,
         clip_eps_low: float = 0.2,
         clip_eps_high: float = 0.2,
         update: str = "dash",
         ppo_epochs: int = 1,
         ppo_mini_batches: int = 1,
+        max_rollouts: int | None = None,
         precision: str = "auto",
         gradient_checkpointing: bool = False,
         answer_fallback: bool = False,
@@ -106,6 +119,10 @@ class DashModule(L.LightningModule):
             errors.append(f"loss_agg must be one of {losses.LOSS_AGG_MODES}, got {loss_agg!r}")
         if update not in UPDATE_MODES:
             errors.append(f"update must be one of {UPDATE_MODES}, got {update!r}")
+        if normalize_over not in NORMALIZE_OVER:
+            errors.append(f"normalize_over must be one of {NORMALIZE_OVER}, got {normalize_over!r}")
+        if max_rollouts is not None and max_rollouts < 1:
+            errors.append(f"max_rollouts must be >= 1 (rollouts) or null, got {max_rollouts}")
         if lr_schedule not in ("linear", "constant"):
             errors.append(f"lr_schedule must be linear or constant, got {lr_schedule!r}")
         if ppo_epochs < 1 or ppo_mini_batches < 1:
@@ -129,6 +146,7 @@ class DashModule(L.LightningModule):
         self.nonfinite_steps = 0  # optimizer steps skipped for a NaN / infinite loss or gradient
         self.nonfinite_in_a_row = 0
         self.last_rollout: Rollout | None = None
+        self.update_stats: list[dict[str, float]] = []  # per optimizer step of the last rollout
         self.phase_seconds: dict[str, float] = {}
         self._val_records: dict[str, list[dict]] = {}
         self._resolved: str | None = None
@@ -157,6 +175,44 @@ class DashModule(L.LightningModule):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    # ---- the budget, in rollouts ----------------------------------------------------------------------
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps every rollout takes (skipped ones included): 1, ppo_epochs or ppo_mini_batches."""
+        hp = self.hparams
+        return {"dash": 1, "multi": hp.ppo_epochs, "mini": hp.ppo_mini_batches}[self.update_mode]
+
+    @property
+    def rollout_slices(self) -> int:
+        """Slices the rollout buffer cuts the kept completions into: one per optimizer step in mini mode."""
+        return self.hparams.ppo_mini_batches if self.update_mode == "mini" else 1
+
+    @property
+    def rollouts_done(self) -> int:
+        """Rollouts (prompt batches) trained on so far: every rollout takes exactly steps_per_rollout steps."""
+        return self.global_step // self.steps_per_rollout
+
+    def apply_rollout_budget(self) -> None:
+        """``max_rollouts`` becomes the trainer's ``max_steps`` (max_rollouts x steps_per_rollout), so fit
+        stops, and a resumed fit knows where it stands, in Lightning's own terms. RolloutDataModule.setup
+        calls this before the engine starts; ``setup`` again for other datamodules."""
+        budget = self.hparams.max_rollouts
+        if budget is None or self._trainer is None:
+            return
+        steps = budget * self.steps_per_rollout
+        if self.trainer.max_steps not in (-1, steps):
+            raise ConfigError(
+                f"model.max_rollouts={budget} (= {steps} optimizer steps with update={self.update_mode}) and "
+                f"trainer.max_steps={self.trainer.max_steps} are two budgets that disagree: set one "
+                "(trainer.max_steps: -1 lets max_rollouts decide)"
+            )
+        self.trainer.fit_loop.epoch_loop.max_steps = steps
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.apply_rollout_budget()
+
     # ---- the reward hook ----------------------------------------------------------------------------
 
     def reward(self, completions: list[str], problems: list[Problem]) -> Sequence[float]:
@@ -179,6 +235,8 @@ class DashModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        if self.hparams.max_rollouts is not None:  # the budget in rollouts, in optimizer steps
+            total = self.hparams.max_rollouts * self.steps_per_rollout
         warmup = self.hparams.warmup_steps
         linear = self.hparams.lr_schedule == "linear" and total is not None
 
@@ -236,6 +294,19 @@ class DashModule(L.LightningModule):
             "normalizer": seqs * max_new_tokens,
         }
 
+    def normalizer_weight(self, counts: dict[str, float], sampled: tuple[float, float] | None) -> float:
+        """The factor that turns a loss normalised by the kept ``counts`` (:meth:`step_counts`) into one
+        normalised over the completions sampled before filtering, ``sampled`` = (completions, tokens) of
+        this step (or of its share of the rollout): kept denominator / sampled denominator. 1 with
+        ``normalize_over: kept`` or without ``sampled``. The logged entropy, KL and clip fraction stay
+        means over the kept tokens."""
+        if self.hparams.normalize_over == "kept" or sampled is None:
+            return 1.0
+        seqs, tokens = sampled
+        token_mean = self.hparams.loss_agg == "token_mean"
+        kept, total = (counts["global_tokens"], tokens) if token_mean else (counts["global_seqs"], seqs)
+        return kept / total if total > 0 else 1.0
+
     def micro_batch_loss(
         self,
         mb: MicroBatch,
@@ -266,7 +337,12 @@ class DashModule(L.LightningModule):
         return loss, stats
 
     def _accumulate(
-        self, micro_batches: list[MicroBatch], chunk: list[int], old: dict | None, ref: dict
+        self,
+        micro_batches: list[MicroBatch],
+        chunk: list[int],
+        old: dict | None,
+        ref: dict,
+        sampled: tuple[float, float] | None = None,
     ) -> dict[str, float]:
         """Forward + backward over the micro-batches ``chunk`` names, normalised by the counts of all of
         them together, on all ranks together.
@@ -276,19 +352,28 @@ class DashModule(L.LightningModule):
         kept; an index past this rank's micro-batches is a zero loss. Only the chunk's last backward syncs
         (``no_sync`` before it). The loss is normalised by the counts of all ranks and scaled by the world
         size, so DDP's gradient mean makes the step of the whole world's rollout, split or not.
+        ``sampled`` (this rank's sampled completions and tokens behind the chunk, summed over ranks here
+        too) is what ``normalize_over: rollout`` divides by instead (:meth:`normalizer_weight`).
         """
         real = [i for i in chunk if i < len(micro_batches)]
         counts = self.step_counts(
             [micro_batches[i] for i in real], self.trainer.datamodule.sampling.max_new_tokens
         )
-        counts = dict(zip(counts, self._reduce_over_ranks(list(counts.values()), "sum"), strict=True))
+        values = self._reduce_over_ranks([*counts.values(), *(sampled or ())], "sum")
+        counts = dict(zip(counts, values[: len(counts)], strict=True))
+        sampled = tuple(values[len(counts) :]) if sampled else None
+        weight = self.normalizer_weight(counts, sampled)
         world = self.trainer.world_size
         totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        # the completions the loss is divided over (x max_new_tokens in constant mode)
+        over_rollout = sampled is not None and self.hparams.normalize_over == "rollout"
+        totals["loss_denominator_completions"] = sampled[0] if over_rollout else counts["global_seqs"]
         for n, i in enumerate(chunk):
             with self._grad_sync(last=n == len(chunk) - 1):
                 if i < len(micro_batches):
                     old_i = old[i] if old is not None else None
                     loss, stats = self.micro_batch_loss(micro_batches[i], counts, old_i, ref.get(i))
+                    loss, stats["loss"] = loss * weight, stats["loss"] * weight
                     for key, value in stats.items():
                         totals[key] += value
                 else:
@@ -364,14 +449,20 @@ class DashModule(L.LightningModule):
         stats = {f"train/{k}": v for k, v in rollout.stats().items()}
         stats["train/accuracy"] = float((rollout.rewards >= 1.0).float().mean())
 
-        # the most micro-batches any rank kept: every rank runs that many backward calls (see _accumulate)
-        num_micro_batches = int(self._reduce_over_ranks([len(rollout.micro_batches)], "max")[0])
-        if num_micro_batches == 0:
-            # Nothing informative survived filtering on any rank: a counted no-op step. All grads are None, so
-            # AdamW leaves every weight untouched; stepping keeps Lightning's step count honest.
-            self.skipped_steps += 1
-            self.optimizers().zero_grad(set_to_none=True)
-            self._optimizer_step()
+        # per slice, the most micro-batches any rank kept: every rank runs that many backward calls
+        slice_sizes = list(rollout.slice_sizes)
+        most = [int(n) for n in self._reduce_over_ranks(slice_sizes, "max")]
+        first_step = self.global_step
+        self.update_stats = []
+        if sum(most) == 0:
+            # Nothing informative survived filtering on any rank: counted no-op steps, as many as a rollout
+            # takes. All grads are None, so AdamW leaves every weight untouched; stepping keeps Lightning's
+            # step count (and the budget in rollouts) honest and advances the LR schedule.
+            for _ in range(self.steps_per_rollout):
+                self.skipped_steps += 1
+                self.optimizers().zero_grad(set_to_none=True)
+                self._optimizer_step()
+            stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
             self._log_step(
                 stats, {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}, float("nan")
             )
@@ -386,23 +477,41 @@ class DashModule(L.LightningModule):
             old = {i: self._logprobs_of(self.policy, mb) for i, mb in enumerate(rollout.micro_batches)}
         self._add_time("ref_old_logprobs", time.perf_counter() - start)
 
-        plan = self._update_plan(num_micro_batches)
+        plan = self._update_plan(slice_sizes, most)
+        share = 1.0 / len(plan) if self.update_mode == "mini" else 1.0  # of the sampled completions
+        sampled = (rollout.sampled_completions * share, rollout.sampled_tokens * share)
+        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        grad_norm = float("nan")
         for chunk in plan:
+            if not chunk:  # a mini-batch slice with nothing kept on any rank: a counted no-op step
+                self.skipped_steps += 1
+                self._optimizer_step()
+                self.update_stats.append({"loss": 0.0, "skipped": 1.0})
+                continue
             start = time.perf_counter()
-            totals = self._accumulate(rollout.micro_batches, chunk, old, ref)
+            totals = self._accumulate(rollout.micro_batches, chunk, old, ref, sampled)
             self._add_time("forward_backward", time.perf_counter() - start)
             grad_norm = self._optimizer_step(totals["loss"])
+            self.update_stats.append({**totals, "grad_norm": grad_norm})
+        stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
         self._log_step(stats, totals, grad_norm)
 
-    def _update_plan(self, num_micro_batches: int) -> list[list[int]]:
-        """Which micro-batches each optimizer step of this rollout accumulates over."""
-        everything = list(range(num_micro_batches))
-        if self.update_mode == "dash":
-            return [everything]
+    def _update_plan(self, slice_sizes: list[int], most: list[int] | None = None) -> list[list[int]]:
+        """Which micro-batches each optimizer step of this rollout accumulates over.
+
+        ``slice_sizes``: this rank's micro-batches per slice, in order (one slice, unless update=mini cut
+        one per step); ``most``: the most any rank has per slice (default: these). A slice's step runs
+        ``most`` backward calls on every rank; an index past this rank's micro-batches is a zero loss.
+        An empty slice (nothing kept on any rank) is an empty step.
+        """
+        most = list(slice_sizes) if most is None else list(most)
+        chunks, start, pad = [], 0, sum(slice_sizes)
+        for local, width in zip(slice_sizes, most, strict=True):
+            chunks.append(list(range(start, start + local)) + list(range(pad, pad + width - local)))
+            start, pad = start + local, pad + width - local
         if self.update_mode == "multi":
-            return [everything] * self.hparams.ppo_epochs
-        s = min(self.hparams.ppo_mini_batches, num_micro_batches)
-        return [everything[k::s] for k in range(s)]
+            return chunks * self.hparams.ppo_epochs
+        return chunks
 
     def _log_step(self, stats: dict[str, float], totals: dict[str, float], grad_norm: float) -> None:
         metrics = dict(stats)

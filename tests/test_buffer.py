@@ -95,3 +95,51 @@ def test_token_budget_caps_padded_tokens(tiny_engine):
 def test_bad_rewards_stop_with_a_message(tiny_engine, bad, match):
     with pytest.raises(RewardError, match=match):
         _buffer(tiny_engine).collect(PROBLEMS, PROMPTS, bad)
+
+
+# three groups of 4: constant; [0, .5, .5, 1] (middle two A = 0); [0, 0, 0, 1], whose negatives sit at
+# |r - mean| / (std + 1e-4) = .25 / .5001 = 0.49990 group stds and the positive at 1.49970
+CRAFTED = [1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def crafted_reward(completions, problems):
+    return CRAFTED[: len(completions)]
+
+
+@pytest.mark.parametrize("scale_rewards", [True, False])
+@pytest.mark.parametrize("threshold, third_group", [(0.4995, [8, 9, 10, 11]), (0.5, [11])])
+def test_exactly_the_rows_above_the_threshold_reach_the_micro_batches(
+    tiny_engine, scale_rewards, threshold, third_group
+):
+    """The threshold is in group-std units: scaled or not, the same rows are kept, and only those."""
+    rollout = _buffer(tiny_engine, filter_threshold=threshold, scale_rewards=scale_rewards).collect(
+        PROBLEMS[:3], PROMPTS[:3], crafted_reward
+    )
+    expected = [4, 7, *third_group]
+    assert sorted(row for mb in rollout.micro_batches for row in mb.rows) == expected
+    assert rollout.kept.nonzero().flatten().tolist() == expected
+    raw = torch.tensor(CRAFTED) - torch.tensor([1.0] * 4 + [0.5] * 4 + [0.25] * 4)
+    for mb in rollout.micro_batches:  # the loss sees the advantages the scaling asked for
+        for i, row in enumerate(mb.rows):
+            want = float(rollout.advantages[row])
+            assert float(mb.advantages[i]) == want
+            assert (want == float(raw[row])) == (not scale_rewards)
+    assert rollout.sampled_completions == 12  # the pre-filter counts stay with the rollout
+    assert rollout.sampled_tokens == sum(len(c.token_ids) for c in rollout.completions)
+
+
+def test_slices_cut_the_kept_rows_into_equal_length_sorted_parts(tiny_engine):
+    """update=mini: S slices of the kept rows whose sizes differ by at most one, each in micro-batches."""
+    rollout = _buffer(tiny_engine, filter_threshold=None, slices=6).collect(PROBLEMS, PROMPTS, parity_reward)
+    assert rollout.slice_sizes == [1] * 6  # 16 rows -> 2, 3, 3, 2, 3, 3 rows; each fits one micro-batch of 3
+    assert [mb.num_completions for mb in rollout.micro_batches] == [2, 3, 3, 2, 3, 3]
+    assert sorted(r for mb in rollout.micro_batches for r in mb.rows) == list(range(16))
+    lengths = [mb.attention_mask.sum(dim=1).tolist() for mb in rollout.micro_batches]
+    flat = [n for part in lengths for n in part]
+    assert flat == sorted(flat), "slices are contiguous runs of the length-sorted rows"
+    two = _buffer(tiny_engine, filter_threshold=None, slices=2).collect(PROBLEMS, PROMPTS, parity_reward)
+    assert two.slice_sizes == [3, 3]  # 8 rows per slice, micro-batches of at most 3
+    few = _buffer(tiny_engine, filter_threshold=0.1, slices=6).collect(
+        PROBLEMS, PROMPTS, lambda c, p: [0.0, 0.0, 0.0, 1.0] + [0.0] * (len(c) - 4)
+    )
+    assert few.slice_sizes == [0, 1, 1, 0, 1, 1]  # 4 kept rows over 6 slices: two are empty

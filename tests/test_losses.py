@@ -16,6 +16,7 @@ from lit_dash.losses import (
     filter_mask,
     global_loss_counts,
     group_advantages,
+    keep_mask,
     kl_penalty,
     policy_loss,
     token_logprobs,
@@ -107,6 +108,35 @@ def test_filter_mask_thresholds():
     assert filter_mask(adv, 0.1).tolist() == [True, True, False, False, False, False, True, True]
     assert filter_mask(adv, 0.0).tolist() == [True, True, True, True, True, False, True, True]
     assert filter_mask(adv, -1.0).all()
+
+
+def test_keep_mask_constant_group_and_zero_advantage_middle():
+    rewards = t([1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 1.0])
+    # group 2: mean .5, unbiased std sqrt(.5/3) = .408248; z = +-.5 / .408348 = +-1.22445, middle two 0
+    for threshold in (0.0, 0.1, 1.2):
+        assert keep_mask(rewards, 4, threshold).tolist() == [False] * 4 + [True, False, False, True]
+    assert keep_mask(rewards, 4, 1.23).tolist() == [False] * 8
+
+
+def test_keep_mask_is_the_same_with_or_without_std_scaling():
+    # G=16, one success: mean 1/16, unbiased std exactly 0.25; raw A = -1/16 (x15) and 15/16
+    rewards = torch.zeros(16, dtype=D)
+    rewards[3] = 1.0
+    raw = group_advantages(rewards, 16, scale_by_std=False)
+    assert_close(raw[0], t(-0.0625))
+    assert_close(raw[3], t(0.9375))
+    # the bug this replaces: a fixed 0.1 on raw advantages drops every negative and keeps the positive
+    assert filter_mask(raw, 0.1).tolist() == [i == 3 for i in range(16)]
+    # in std units the negatives sit at 0.0625 / (0.25 + 1e-4) = 0.2499000 and the positive at 3.7485
+    assert keep_mask(rewards, 16, 0.1).all()
+    scaled = group_advantages(rewards, 16, scale_by_std=True)
+    assert_close(scaled[0], t(-0.0625 / 0.2501))
+    assert_close(scaled[3], t(0.9375 / 0.2501))
+    assert torch.equal(keep_mask(rewards, 16, 0.1), filter_mask(scaled, 0.1))
+    # just below / just above the negatives' 0.2499000: kept / dropped; the positive always kept
+    assert keep_mask(rewards, 16, 0.2498).all()
+    assert keep_mask(rewards, 16, 0.2500).tolist() == [i == 3 for i in range(16)]
+    assert keep_mask(rewards.float(), 16, 0.2498).all()  # float32 rewards: the same kept set
 
 
 # -------------------------------------------------------------------------------------------- policy loss
@@ -226,6 +256,21 @@ def test_kl_estimators_unbiased_k1_k3():
     assert abs(kl_penalty(lp, lr, "k1").mean().item() - true_kl) < 0.01
     assert abs(kl_penalty(lp, lr, "k3").mean().item() - true_kl) < 0.01
     assert (kl_penalty(lp, lr, "k3") >= 0).all()
+
+
+def test_kl_gradients_by_hand():
+    # d/dlogp of k3 = exp(ref - logp) - (ref - logp) - 1 is 1 - exp(ref - logp); of k1: 1; of k2: logp - ref
+    logp = t([[-1.0, -2.0, -0.5]]).requires_grad_()
+    ref = t([[-1.5, -1.0, -0.5]])
+    kl_penalty(logp, ref, "k3").sum().backward()
+    # 1 - exp(-0.5) = 0.3934693, 1 - exp(1) = -1.7182818, 1 - exp(0) = 0
+    assert_close(logp.grad, t([[0.3934693402873666, -1.718281828459045, 0.0]]))
+    logp.grad = None
+    kl_penalty(logp, ref, "k2").sum().backward()
+    assert_close(logp.grad, t([[0.5, -1.0, 0.0]]))
+    logp.grad = None
+    kl_penalty(logp, ref, "k1").sum().backward()
+    assert_close(logp.grad, t([[1.0, 1.0, 1.0]]))
 
 
 def test_kl_unknown_kind():

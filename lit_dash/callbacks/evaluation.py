@@ -1,4 +1,5 @@
-"""Held-out evaluation during training: at step 0 and every ``every_n_steps`` optimizer steps."""
+"""Held-out evaluation during training: at step 0 and every ``every_n_rollouts`` rollouts (or every
+``every_n_steps`` optimizer steps), and at the end."""
 
 from __future__ import annotations
 
@@ -7,17 +8,33 @@ import time
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_dash.callbacks.cadence import Cadence, steps_per_rollout
 from lit_dash.evaluation import EvalResult, format_results
 
 
 class MathEvaluation(L.Callback):
     """Runs the datamodule's eval sets greedily (the same :class:`Evaluator` as ``lit-dash validate``) and
-    logs ``eval/<set>/accuracy``, ``eval/<set>/length`` etc. Keeps every result in ``history``."""
+    logs ``eval/<set>/accuracy``, ``eval/<set>/length`` etc. Keeps every result in ``history``.
 
-    def __init__(self, every_n_steps: int = 10, at_start: bool = True, at_end: bool = True) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
+    Args:
+        every_n_steps: evaluate after the rollout whose optimizer steps reach or cross a multiple of this
+            (default 10 when every_n_rollouts is not set either).
+        every_n_rollouts: evaluate after every this many rollouts (prompt batches), whatever the update
+            mode; set this or every_n_steps.
+        at_start: evaluate before the first rollout.
+        at_end: evaluate after the last.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_rollouts: int | None = None,
+        at_start: bool = True,
+        at_end: bool = True,
+    ) -> None:
+        self.cadence = Cadence(every_n_steps, every_n_rollouts, default_steps=10, owner="MathEvaluation")
+        self.every_n_steps = self.cadence.every_n_steps
+        self.every_n_rollouts = every_n_rollouts
         self.at_start = at_start
         self.at_end = at_end
         self.history: list[tuple[int, EvalResult]] = []
@@ -47,7 +64,7 @@ class MathEvaluation(L.Callback):
             self._run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if self.cadence.due(trainer.global_step, steps_per_rollout(pl_module)):
             self._run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

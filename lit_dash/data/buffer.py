@@ -4,8 +4,10 @@ One call to :meth:`RolloutBuffer.collect` builds everything one optimizer step t
 ``preemptive`` mode (DASH) all P x G completions come from ONE engine call; in ``per_micro_batch`` mode
 (standard GRPO) they come from one engine call per micro-batch of completions, which is what makes
 standard GRPO slow on a GPU. Both give the same kind of rollout, so the two can be compared on equal work.
-Completions whose |advantage| is at or below ``filter_threshold`` are dropped here, before any further
-forward pass, and never reach a micro-batch.
+Completions whose |advantage| is at or below ``filter_threshold`` group standard deviations are dropped
+here, before any further forward pass, and never reach a micro-batch. In ``update: mini`` the kept
+completions are cut into as many slices as the rollout takes optimizer steps (``slices``), each slice into
+micro-batches.
 """
 
 from __future__ import annotations
@@ -73,10 +75,26 @@ class Rollout:
     max_new_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     engine_calls: int = 1
+    slice_sizes: list[int] | None = None  # micro-batches per slice, in order; None: one slice of all
+
+    def __post_init__(self) -> None:
+        if self.slice_sizes is None:
+            self.slice_sizes = [len(self.micro_batches)]
 
     @property
     def num_kept(self) -> int:
         return int(self.kept.sum())
+
+    @property
+    def sampled_completions(self) -> int:
+        """Completions sampled for this step before filtering (with at least one token): what the loss's
+        denominators count with ``normalize_over: rollout``."""
+        return sum(1 for c in self.completions if c.token_ids)
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Completion tokens of every completion sampled for this step, before filtering."""
+        return sum(len(c.token_ids) for c in self.completions)
 
     def stats(self) -> dict[str, float]:
         """Scalars for the logger: units in the names (completions, tokens, groups)."""
@@ -110,9 +128,13 @@ class RolloutBuffer:
         micro_batch_size: completions per micro-batch for backprop.
         max_tokens_per_micro_batch: if set, micro-batches are packed up to this many padded tokens instead
             of a fixed completion count (micro_batch_size still caps the count).
-        filter_threshold: drop completions with |advantage| <= this; ``None`` keeps all (standard GRPO).
+        filter_threshold: drop completions with |r - group mean| <= this x (group std + 1e-4), i.e.
+            |A| <= this for std-scaled advantages, and the same completions when ``scale_rewards`` is off
+            (see ``losses.keep_mask``); ``None`` keeps all (standard GRPO).
         rollout_mode: ``preemptive`` (one engine call) or ``per_micro_batch`` (one call per micro-batch).
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
+        slices: cut the kept completions into this many slices of (nearly) equal size, one per optimizer
+            step (``update: mini``); each slice is cut into micro-batches. 1 for one step per pass.
     """
 
     engine: Engine
@@ -124,10 +146,13 @@ class RolloutBuffer:
     rollout_mode: str = "preemptive"
     scale_rewards: bool = True
     pad_token_id: int = 0
+    slices: int = 1
 
     def __post_init__(self) -> None:
         if self.rollout_mode not in ROLLOUT_MODES:
             raise ValueError(f"rollout_mode must be one of {ROLLOUT_MODES}, got {self.rollout_mode!r}")
+        if self.slices < 1:
+            raise ValueError(f"slices must be >= 1, got {self.slices}")
 
     def _generate(self, prompts: list[str]) -> tuple[list[list[int]], list[Completion], int]:
         if self.rollout_mode == "preemptive":
@@ -151,12 +176,23 @@ class RolloutBuffer:
 
     def collect(self, problems: list[Problem], prompts: list[str], reward_fn: RewardFn) -> Rollout:
         """Sample G completions for each prompt, score them, and keep the informative ones."""
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         prompt_ids, completions, calls = self._generate(prompts)
-        t1 = time.perf_counter()
-        timings["generation"] = t1 - t0
+        timings = {"generation": time.perf_counter() - t0}
+        return self.assemble(problems, prompt_ids, completions, reward_fn, timings, calls)
 
+    def assemble(
+        self,
+        problems: list[Problem],
+        prompt_ids: list[list[int]],
+        completions: list[Completion],
+        reward_fn: RewardFn,
+        timings: dict[str, float] | None = None,
+        engine_calls: int = 1,
+    ) -> Rollout:
+        """Score sampled completions, normalise, filter and cut the kept ones into micro-batches."""
+        timings = dict(timings or {})
+        t1 = time.perf_counter()
         per_completion_problems = [problems[c.prompt_index] for c in completions]
         rewards = score_completions(reward_fn, [c.text for c in completions], per_completion_problems)
         t2 = time.perf_counter()
@@ -166,9 +202,9 @@ class RolloutBuffer:
         if self.filter_threshold is None:
             kept = torch.ones_like(rewards, dtype=torch.bool)
         else:
-            kept = losses.filter_mask(advantages, self.filter_threshold)
+            kept = losses.keep_mask(rewards, self.group_size, self.filter_threshold)
         rows = [i for i in range(len(completions)) if kept[i]]
-        micro_batches = self._micro_batches(rows, prompt_ids, completions, advantages)
+        micro_batches, slice_sizes = self._sliced_micro_batches(rows, prompt_ids, completions, advantages)
         timings["filtering"] = time.perf_counter() - t2
         return Rollout(
             problems=problems,
@@ -181,8 +217,39 @@ class RolloutBuffer:
             group_size=self.group_size,
             max_new_tokens=self.sampling.max_new_tokens,
             timings=timings,
-            engine_calls=calls,
+            engine_calls=engine_calls,
+            slice_sizes=slice_sizes,
         )
+
+    def _sliced_micro_batches(
+        self,
+        rows: list[int],
+        prompt_ids: list[list[int]],
+        completions: list[Completion],
+        advantages: torch.Tensor,
+    ) -> tuple[list[MicroBatch], list[int]]:
+        """``slices`` contiguous runs of the length-sorted kept rows, sizes differing by at most one (a
+        slice is empty when fewer rows than slices were kept), each cut into micro-batches; returns all
+        micro-batches in slice order and how many each slice has."""
+        if self.slices == 1:
+            micro_batches = self._micro_batches(rows, prompt_ids, completions, advantages)
+            return micro_batches, [len(micro_batches)]
+        length = {r: self._length(r, prompt_ids, completions) for r in rows}
+        ordered = sorted(rows, key=lambda r: length[r])
+        n, s = len(ordered), self.slices
+        micro_batches: list[MicroBatch] = []
+        sizes = []
+        for k in range(s):
+            part = self._micro_batches(
+                ordered[k * n // s : (k + 1) * n // s], prompt_ids, completions, advantages
+            )
+            micro_batches += part
+            sizes.append(len(part))
+        return micro_batches, sizes
+
+    @staticmethod
+    def _length(row: int, prompt_ids: list[list[int]], completions: list[Completion]) -> int:
+        return len(prompt_ids[completions[row].prompt_index]) + len(completions[row].token_ids)
 
     def _micro_batches(
         self,
@@ -192,9 +259,7 @@ class RolloutBuffer:
         advantages: torch.Tensor,
     ) -> list[MicroBatch]:
         """Sort kept rows by total length and cut them into micro-batches, so little is padded."""
-        length = {
-            r: len(prompt_ids[completions[r].prompt_index]) + len(completions[r].token_ids) for r in rows
-        }
+        length = {r: self._length(r, prompt_ids, completions) for r in rows}
         ordered = sorted(rows, key=lambda r: length[r])
         groups: list[list[int]] = []
         for r in ordered:

@@ -158,8 +158,10 @@ class RolloutDataModule(L.LightningDataModule):
         group_size: completions per prompt (G); a rollout holds P x G completions.
         micro_batch_size: completions per backward pass.
         max_tokens_per_micro_batch: pack micro-batches up to this many padded tokens instead (optional).
-        filter_threshold: drop completions with |advantage| <= this before any further forward pass;
-            null keeps all (standard GRPO).
+        filter_threshold: drop completions with |advantage| <= this before any further forward pass,
+            in units of the group's std: |r - mean| <= threshold x (std + 1e-4), which is the paper's
+            |A| <= threshold with std-scaled advantages and keeps the same completions when
+            model.scale_rewards is false; null keeps all (standard GRPO).
         rollout_mode: preemptive (DASH: one engine call per step) or per_micro_batch (standard GRPO).
         sampling: temperature, top_p, top_k, max_new_tokens (tokens per completion).
         max_prompt_tokens: prompts longer than this (in tokens) are skipped with a warning.
@@ -329,6 +331,8 @@ class RolloutDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if self.engine is None and hasattr(module, "model_name"):  # before any model or data is loaded
             self.check_model_context(module.model_name, getattr(module.hparams, "model_cache", None))
+        if stage == "fit" and hasattr(module, "apply_rollout_budget"):
+            module.apply_rollout_budget()  # a budget conflict fails here, before the engine starts
         if stage == "fit" and not self.train_problems:
             self.train_problems = self.train_source.load()
         if not self.evaluators:
@@ -360,6 +364,7 @@ class RolloutDataModule(L.LightningDataModule):
                 if self.trainer
                 else True,
                 pad_token_id=self.engine.tokenizer.pad_token_id or 0,
+                slices=getattr(self.trainer.lightning_module, "rollout_slices", 1) if self.trainer else 1,
             )
 
     def _calibrate_prompts_per_rollout(self) -> int:

@@ -1,0 +1,290 @@
+"""Every training path in a short real fit (tiny model, the session's real vLLM engine, tiny.yaml's
+settings): KL with k1 / k2 / k3, update multi and mini, a constant reward, and filtering that leaves the
+gradient exactly as it was (normalize_over: rollout), with its negative control (kept)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tiny_reward import ParityRewardModule
+from transformers import AutoModelForCausalLM
+
+from lit_dash.callbacks import MathEvaluation, StepCheckpoint
+from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
+from lit_dash.data.formatting import format_prompts
+from lit_dash.engines import SamplingConfig
+from lit_dash.module import DashModule
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_engine, tiny_model_path):
+    """The session's engine; each fit pushes its weights into it, so it gets the initial ones back after."""
+    yield tiny_engine
+    tiny_engine.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict().items())
+
+
+class PerRollout(L.Callback):
+    """After each training step (one rollout): the step count, the module's per-optimizer-step stats, the
+    learning rate and the rollout's slices."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rollout = pl_module.last_rollout
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "updates": [dict(u) for u in pl_module.update_stats],
+                "lr": pl_module.lr_schedulers().get_last_lr()[0],
+                "slice_sizes": list(rollout.slice_sizes),
+                "kept": rollout.num_kept,
+            }
+        )
+
+
+def _fit(root, engine, module, *, max_steps=-1, callbacks=(), data_cls=RolloutDataModule, **data_kwargs):
+    knobs = dict(  # tests/configs/tiny.yaml's data, with the session's engine
+        train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=40),
+        instruction="Answer in one line.",
+        prompts_per_rollout=4,
+        group_size=4,
+        micro_batch_size=4,
+        filter_threshold=None,
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=16),
+        eval_max_new_tokens=16,
+        engine=EngineConfig(kind="vllm", kv_cache_gib=0.5),
+    )
+    knobs.update(data_kwargs)
+    data = data_cls(**knobs)
+    data.engine = engine
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+    )
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+# ---- KL -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_is_zero_at_the_reference_and_grows_as_the_policy_departs(tmp_path, engine, estimator):
+    module = ParityRewardModule(
+        model="tiny-llama", lr=5e-3, kl_coef=0.1, kl_estimator=estimator, precision="float32", seed=0
+    )
+    record = PerRollout()
+    trainer = _fit(tmp_path, engine, module, max_steps=3, callbacks=[record])
+    kl = [row["updates"][0]["kl"] for row in record.rows]
+    print(f"[kl {estimator}] per step: {kl}")
+    assert len(kl) == 3 and trainer.callback_metrics["train/kl"] == pytest.approx(kl[-1])
+    assert kl[0] == 0.0, "before its first update the policy is the reference"
+    if estimator == "k1":  # unbiased but signed per sample
+        assert kl[1] != 0.0 and kl[2] != 0.0
+    else:
+        assert all(k >= 0 for k in kl) and kl[1] > 1e-6 and kl[2] > 1e-6
+
+
+# ---- update: multi ----------------------------------------------------------------------------------------
+
+
+class RatioRecorder(ParityRewardModule):
+    """Per optimizer step: the largest |log-prob - sampling-time log-prob| over the step's tokens."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.max_log_ratio: list[float] = []
+        self._seen: list = []
+
+    def forward(self, micro_batch):
+        logprobs, entropy = super().forward(micro_batch)
+        self._seen.append((micro_batch, logprobs.detach()))
+        return logprobs, entropy
+
+    def _accumulate(self, micro_batches, chunk, old, ref, sampled=None):
+        self._seen = []
+        totals = super()._accumulate(micro_batches, chunk, old, ref, sampled)
+        index = {id(mb): i for i, mb in enumerate(micro_batches)}
+        self.max_log_ratio.append(
+            max(float(((lp - old[index[id(mb)]]).abs() * mb.completion_mask).max()) for mb, lp in self._seen)
+        )
+        return totals
+
+
+def test_multi_takes_ppo_epochs_steps_and_only_later_passes_clip(tmp_path, engine):
+    module = RatioRecorder(
+        model="tiny-llama", lr=2e-2, update="multi", ppo_epochs=3, max_rollouts=2, precision="float32", seed=0
+    )
+    record = PerRollout()
+    trainer = _fit(tmp_path, engine, module, callbacks=[record])  # the budget stops it: no max_steps
+    assert trainer.global_step == 6 and [row["step"] for row in record.rows] == [3, 6]
+    assert trainer.callback_metrics["train/optimizer_steps_per_rollout"] == 3.0
+    print(f"[multi] max |log ratio| per step: {module.max_log_ratio}")
+    for k, row in enumerate(record.rows):
+        ratios = module.max_log_ratio[3 * k : 3 * k + 3]
+        assert ratios[0] == 0.0 and row["updates"][0]["clip_fraction"] == 0.0  # pass 1: ratio exactly 1
+        assert ratios[1] > 0 and ratios[2] > 0
+    later = [u["clip_fraction"] for row in record.rows for u in row["updates"][1:]]
+    print(f"[multi] clip fraction of the later passes: {later}")
+    assert max(later) > 0
+
+
+# ---- update: mini, and the budget in rollouts -----------------------------------------------------------
+
+
+class OneInformativeGroup(DashModule):
+    """Only the first group is mixed ([0, 0, 0, 1]): 4 completions survive filtering."""
+
+    def reward(self, completions, problems):
+        return [0.0, 0.0, 0.0, 1.0] + [0.0] * (len(completions) - 4)
+
+
+def test_mini_takes_exactly_its_steps_and_cadences_count_rollouts(tmp_path, engine):
+    module = OneInformativeGroup(
+        model="tiny-llama",
+        lr=1e-3,
+        update="mini",
+        ppo_mini_batches=6,
+        max_rollouts=2,
+        precision="float32",
+        seed=0,
+    )
+    record = PerRollout()
+    evaluation = MathEvaluation(every_n_rollouts=1)
+    checkpoints = StepCheckpoint(dirpath=tmp_path / "ckpt", every_n_rollouts=1, save_top_k=-1)
+    eval_sets = {
+        "arithmetic": ProblemSource(source="arithmetic", difficulty="add1", split="test", num_problems=4)
+    }
+    trainer = _fit(
+        tmp_path,
+        engine,
+        module,
+        callbacks=[record, evaluation, checkpoints],
+        filter_threshold=0.1,
+        eval_sets=eval_sets,
+    )
+    # 6 optimizer steps per rollout, more than the 4 kept completions: slices 0, 1, 1, 0, 1, 1
+    assert trainer.global_step == 12 and [row["step"] for row in record.rows] == [6, 12]
+    assert trainer.callback_metrics["train/optimizer_steps_per_rollout"] == 6.0
+    for row in record.rows:
+        assert row["kept"] == 4 and row["slice_sizes"] == [0, 1, 1, 0, 1, 1]
+        assert [u.get("skipped", 0.0) for u in row["updates"]] == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+        for update in row["updates"]:
+            if not update.get("skipped"):  # each slice stands for 1/6 of the 16 sampled completions
+                assert update["loss_denominator_completions"] == pytest.approx(16 / 6)
+    assert module.skipped_steps == 4
+    assert [row["lr"] for row in record.rows] == pytest.approx([5e-4, 0.0])  # the schedule spans the budget
+    assert [step for step, _ in evaluation.history] == [0, 6, 12]  # at start, then after every rollout
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt")) == [
+        "epoch=0-step=12.ckpt",
+        "epoch=0-step=6.ckpt",
+    ]
+
+
+# ---- a constant reward ------------------------------------------------------------------------------------
+
+
+class ConstantReward(DashModule):
+    def reward(self, completions, problems):
+        return [1.0] * len(completions)
+
+
+def test_a_constant_reward_changes_no_weight_yet_advances_the_schedule(tmp_path, engine):
+    module = ConstantReward(model="tiny-llama", lr=1e-3, update="multi", ppo_epochs=2, max_rollouts=2, seed=0)
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    trainer = _fit(tmp_path, engine, module, filter_threshold=0.1)
+    assert trainer.global_step == 4 and module.skipped_steps == 4  # 2 rollouts x 2 no-op steps
+    assert trainer.callback_metrics["train/skipped_steps"] == 4.0
+    assert trainer.callback_metrics["train/optimizer_steps_per_rollout"] == 2.0
+    assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items()), "bit for bit"
+    scheduler = module.lr_schedulers()
+    assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == [0.0]
+    assert not module.optimizers().optimizer.state, "AdamW never stepped a parameter"
+
+
+# ---- filtering is gradient-neutral ----------------------------------------------------------------------
+
+NEUTRAL = [1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+class NeutralReward(DashModule):
+    """A constant group, [0, .5, .5, 1] (middle two A = 0 exactly) and two mixed groups: threshold 0.1
+    drops exactly the 6 zero-advantage completions."""
+
+    def reward(self, completions, problems):
+        return NEUTRAL[: len(completions)]
+
+
+class FixedSamples(RolloutDataModule):
+    """Every fit trains on the same completions: the first fit's engine call samples them, later fits
+    reuse them, so filter on and off see identical data."""
+
+    samples: dict = {}
+
+    def rollout(self, problems, reward_fn):
+        prompts = tuple(format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction))
+        if prompts not in FixedSamples.samples:
+            prompt_ids, completions, _ = self.buffer._generate(list(prompts))
+            FixedSamples.samples[prompts] = (prompt_ids, completions)
+        return self.buffer.assemble(problems, *FixedSamples.samples[prompts], reward_fn)
+
+
+class GradCapture(L.Callback):
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = {n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
+        self.grads.append(grads)
+
+
+def test_filtering_leaves_the_gradient_as_it_was(tmp_path, engine):
+    FixedSamples.samples = {}
+    grads, kept, denominators = {}, {}, {}
+    for label, threshold, over in (("off", None, "rollout"), ("on", 0.1, "rollout"), ("kept", 0.1, "kept")):
+        module = NeutralReward(
+            model="tiny-llama", precision="float32", normalize_over=over, max_grad_norm=None, seed=0
+        )
+        capture = GradCapture()
+        trainer = _fit(
+            tmp_path / label,
+            engine,
+            module,
+            max_steps=1,
+            callbacks=[capture],
+            filter_threshold=threshold,
+            data_cls=FixedSamples,
+        )
+        grads[label], kept[label] = capture.grads[0], module.last_rollout.num_kept
+        denominators[label] = float(trainer.callback_metrics["train/loss_denominator_completions"])
+    assert kept == {"off": 16, "on": 10, "kept": 10}
+    assert denominators == {"off": 16.0, "on": 16.0, "kept": 10.0}  # constant: x max_new_tokens
+
+    def worst(a, b):
+        return max(float((a[n] - b[n]).abs().max() / b[n].abs().max()) for n in b)
+
+    print(
+        f"[neutrality, fit] max relative difference filter on vs off: {worst(grads['on'], grads['off']):.2e}; "
+        f"kept vs 1.6 x off: {worst(grads['kept'], {n: 1.6 * g for n, g in grads['off'].items()}):.2e}; "
+        f"kept vs off: {worst(grads['kept'], grads['off']):.2e}"
+    )
+    assert sum(float(g.abs().sum()) for g in grads["off"].values()) > 0
+    assert worst(grads["on"], grads["off"]) < 1e-5  # float rounding of a different micro-batch split
+    assert worst(grads["kept"], grads["off"]) > 0.5
+    for name, g in grads["off"].items():
+        atol = 1e-5 * float(g.abs().max())
+        torch.testing.assert_close(grads["on"][name], g, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(grads["kept"][name], g * 1.6, rtol=1e-5, atol=atol)  # 16 / 10
