@@ -188,6 +188,7 @@ def greedy_completions(
 ) -> tuple[list[str], list[str]]:
     """(prompts, greedy completions) from plain vLLM on ``folder``."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # must precede the import
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     import vllm
 
     llm = vllm.LLM(

@@ -12,7 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_dash.callbacks.reward_audit import RewardAudit, audit_rollout, format_rows, restates_question
+from lit_dash.callbacks.reward_audit import (
+    RewardAudit,
+    audit_rollout,
+    format_rows,
+    pick_samples,
+    restates_question,
+)
 from lit_dash.data.buffer import Rollout
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Completion
@@ -122,9 +128,11 @@ def test_a_gameable_reward_shows_up_in_the_audit_and_warns():
     assert "require_final_form" in message and "What is 23 + 73?" in message
     assert callback.check_hack_fractions(8, audit) is None  # once per run
 
-    text = format_rows(sorted(audit["rewarded"], key=lambda r: r["verdict"] != "unevaluated")[:3])
-    assert text.count("**question**") == 3 and "**verdict** unevaluated" in text
-    assert "restates the question" in text
+    shown = pick_samples(audit["rewarded"], 3)  # the hacks first, one per question before a repeat
+    assert [r["extracted"] for r in shown] == ["23 + 73", "51 + 12", "73 + 23"]
+    text = format_rows(shown)
+    assert text.count("**question**") == 3 and text.count("**verdict** unevaluated") == 3
+    assert "restates the question" in text and "**reference** 63" in text
 
 
 def test_the_strict_reward_pays_no_hack_and_the_audit_stays_quiet():

@@ -26,6 +26,11 @@ It warns once (each) when
   are not the held-out ones, so this is a heuristic: learning that does not transfer trips it too, which
   is worth a look as well.
 
+Measured on ``configs/demo.yaml`` with the lenient reward (``--model.init_args.require_final_form false``,
+12 steps): audit/unevaluated_fraction 0.08 at step 0, 0.36 at step 6, 0.98 at step 11; the hack warning
+fired at step 7 and the divergence warning at step 8 (reward 0.24 -> 0.52, strict held-out 13% -> 12%),
+while the lenient held-out accuracy printed 13% -> 100%.
+
 Cheap: one :func:`math_verdicts` call on the rewarded completions of the step (each distinct answer is
 verified once, a few ms each) and a regex per completion. Under DDP each rank audits its own rollout and
 rank 0's numbers are logged.
@@ -44,7 +49,7 @@ from lit_dash.callbacks.evaluation import MathEvaluation
 from lit_dash.rewards import extract_answer, math_verdicts
 from lit_dash.rewards.math import UNEVALUATED
 
-__all__ = ["RewardAudit", "audit_rollout", "restates_question", "numbers_in"]
+__all__ = ["RewardAudit", "audit_rollout", "format_rows", "numbers_in", "pick_samples", "restates_question"]
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 1,000 -> 1000
@@ -154,6 +159,20 @@ def audit_rollout(rollout, answer_fallback: bool = False) -> dict:
 
 def _suspicious(row: dict) -> bool:
     return row["verdict"] == UNEVALUATED or row["restated"]
+
+
+def pick_samples(rows: list[dict], k: int) -> list[dict]:
+    """Up to ``k`` rows to show: the suspicious ones first, one per question before any repeat."""
+    ranked = sorted(rows, key=lambda r: not _suspicious(r))
+    picked, seen = [], set()
+    for repeat in (False, True):
+        for r in ranked:
+            if len(picked) == k:
+                return picked
+            if r not in picked and (repeat or r["question"] not in seen):
+                picked.append(r)
+                seen.add(r["question"])
+    return picked
 
 
 def format_rows(rows: list[dict], max_chars: int = 600) -> str:
@@ -300,7 +319,7 @@ class RewardAudit(L.Callback):
 
         experiment = getattr(trainer.logger, "experiment", None)
         if audit["rewarded"] and step % self.text_every_n_steps == 0 and hasattr(experiment, "add_text"):
-            rows = sorted(audit["rewarded"], key=lambda r: not _suspicious(r))[: self.num_samples]
+            rows = pick_samples(audit["rewarded"], self.num_samples)
             if rows and trainer.is_global_zero:
                 experiment.add_text("audit/rewarded", format_rows(rows), global_step=step)
 
