@@ -20,7 +20,7 @@ from lit_dash.data.formatting import INSTRUCTION, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Engine, SamplingConfig
 from lit_dash.rewards import extract_answer, math_rewards, math_verdicts
-from lit_dash.rewards.math import UNEVALUATED
+from lit_dash.rewards.math import CORRECT, UNEVALUATED
 from lit_dash.rewards.scoring import score_completions
 
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
@@ -34,7 +34,8 @@ def default_reward(completions: list[str], problems: list[Problem]) -> list[floa
 class EvalResult:
     """Summary of one evaluation set. ``mean_completion_tokens`` is in tokens, the rest are fractions of the
     problems; ``unevaluated_fraction`` counts answers equal to the reference only once their arithmetic is
-    done (``\\boxed{23 + 73}`` for 96), which the strict reward scores 0 and a lenient one pays."""
+    done (``\\boxed{23 + 73}`` for 96), which the strict reward scores 0 and a lenient one pays;
+    ``correct_fraction`` is the strict rule's accuracy (verdict ``correct``) whatever the reward is."""
 
     name: str
     num_problems: int
@@ -44,6 +45,7 @@ class EvalResult:
     truncated_fraction: float
     generation_tokens_per_second: float
     unevaluated_fraction: float = 0.0
+    correct_fraction: float = 0.0
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         base = f"{prefix}/{self.name}"
@@ -54,6 +56,7 @@ class EvalResult:
             f"{base}/truncated": self.truncated_fraction,
             f"{base}/tokens_per_s": self.generation_tokens_per_second,
             f"{base}/unevaluated": self.unevaluated_fraction,
+            f"{base}/correct": self.correct_fraction,
         }
 
 
@@ -143,6 +146,7 @@ def summarize(name: str, records: list[dict]) -> EvalResult:
         truncated_fraction=sum(bool(r["truncated"]) for r in records) / n,
         generation_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         unevaluated_fraction=sum(r.get("verdict") == UNEVALUATED for r in records) / n,
+        correct_fraction=sum(r.get("verdict") == CORRECT for r in records) / n,
     )
 
 

@@ -23,10 +23,10 @@ def _record(reward, extracted, tokens, truncated, seconds, verdict="wrong"):
 
 def test_summary_matches_hand_computed_values():
     records = [
-        _record(1.0, "5", 10, False, 0.5),
+        _record(1.0, "5", 10, False, 0.5, verdict="correct"),
         _record(0.0, "3 + 4", 30, False, 0.5, verdict="unevaluated"),
         _record(0.0, None, 40, True, 1.0, verdict="no_answer"),
-        _record(1.0, "2", 20, False, 0.5),
+        _record(1.0, "2", 20, False, 0.5),  # a custom reward paid a wrong answer
     ]
     r = summarize("toy", records)
     assert r.num_problems == 4
@@ -35,9 +35,11 @@ def test_summary_matches_hand_computed_values():
     assert r.answered_fraction == 0.75  # 3 of 4 have a boxed answer
     assert r.truncated_fraction == 0.25
     assert r.unevaluated_fraction == 0.25  # 1 of 4 boxes an expression equal to the reference
+    assert r.correct_fraction == 0.25  # the strict rule's accuracy, whatever the reward paid
     assert r.generation_tokens_per_second == pytest.approx(100 / 2.5)
     assert r.metrics()["eval/toy/accuracy"] == 0.5
     assert r.metrics()["eval/toy/unevaluated"] == 0.25
+    assert r.metrics()["eval/toy/correct"] == 0.25
     assert "| toy | 4 | 50.0% | 25.0% | 75.0% | 25.0 |" in format_results([r])
 
 
@@ -104,3 +106,4 @@ def test_unevaluated_answers_are_reported_whatever_the_reward():
     result = summarize("toy", records)
     assert result.accuracy == pytest.approx(2 / 3)  # what the lenient reward paid
     assert result.unevaluated_fraction == pytest.approx(1 / 3)  # and how much of it was the hack
+    assert result.correct_fraction == pytest.approx(1 / 3)  # what the strict rule would have paid

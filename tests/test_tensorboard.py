@@ -47,6 +47,18 @@ def test_event_files_hold_grouped_scalars_samples_and_hparams(tmp_path):
     assert [step for step, _ in texts] == [1, 2]
     assert texts[0][1].count("**prompt**") == 2 and "**reward**" in texts[0][1]
 
+    # RewardAudit (in tiny.yaml): beside train/, at the same steps; the parity reward pays random text,
+    # which has no answer at all, so nothing it paid is a hack
+    assert {"audit"} <= groups
+    assert [step for step, _ in scalars["audit/rewarded_fraction"]] == [0, 1]
+    paid = [v for _, v in scalars["audit/rewarded_fraction"]]
+    assert paid == pytest.approx([float(v) for _, v in scalars["train/reward_mean"]])
+    assert all(v == 0.0 for _, v in scalars.get("audit/unevaluated_fraction", []))
+    assert all(v == 0.0 for _, v in scalars.get("audit/restated_fraction", []))
+    audit_texts = read_texts(log_dir, tag="audit/rewarded")
+    assert len(audit_texts) == sum(v > 0 for v in paid)
+    assert all("**verdict** no_answer" in t and "**reference**" in t for _, t in audit_texts)
+
     hparams = read_hparams(log_dir)
     assert hparams["model"] == "tiny-llama" and hparams["lr"] == pytest.approx(1e-4)
     assert hparams["group_size"] == 4 and hparams["prompts_per_rollout"] == 4

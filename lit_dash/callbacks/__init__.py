@@ -1,9 +1,18 @@
-"""Callbacks: checkpoints, weight sync to the engine, held-out evaluation, completion samples, timing profiles."""
+"""Callbacks: checkpoints, weight sync to the engine, held-out evaluation, completion samples, reward audit,
+timing profiles."""
 
 from lit_dash.callbacks.checkpoint import StepCheckpoint
 from lit_dash.callbacks.evaluation import MathEvaluation
+from lit_dash.callbacks.reward_audit import RewardAudit
 from lit_dash.callbacks.samples import CompletionSamples
 from lit_dash.callbacks.timing import TimingProfile
 from lit_dash.callbacks.weight_sync import WeightSync
 
-__all__ = ["CompletionSamples", "MathEvaluation", "StepCheckpoint", "TimingProfile", "WeightSync"]
+__all__ = [
+    "CompletionSamples",
+    "MathEvaluation",
+    "RewardAudit",
+    "StepCheckpoint",
+    "TimingProfile",
+    "WeightSync",
+]
