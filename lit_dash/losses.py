@@ -42,8 +42,11 @@ __all__ = [
     "group_advantages",
     "keep_mask",
     "kl_penalty",
+    "logprob_gap",
+    "logprob_temperature",
     "policy_loss",
     "token_logprobs",
+    "truncated_importance_weights",
     "zero_variance_groups",
 ]
 
@@ -339,6 +342,10 @@ def _upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _row_chunks(n: int, chunk_size: int | None) -> list[slice]:
     if chunk_size is None or chunk_size >= n:
         return [slice(0, n)]
@@ -347,10 +354,25 @@ def _row_chunks(n: int, chunk_size: int | None) -> list[slice]:
     return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int | None = 8) -> Tensor:
-    """Per-token entropy of the softmax distribution.
+def logprob_temperature(temperature: float) -> float:
+    """The temperature the trainer divides logits by: the sampling temperature, or 1 for greedy (0).
+
+    vLLM does the same: a greedy request's log-probs are those of the untempered logits. Training on
+    greedy samples is pointless anyway (all G completions of a prompt are the same).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    return float(temperature) if temperature > 0 else 1.0
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int | None = 8, temperature: float = 1.0) -> Tensor:
+    """Per-token entropy of the softmax distribution of ``logits / temperature``.
 
     Shapes: ``logits [B, T, V]`` -> ``[B, T]`` in float32 (float64 if the logits are float64).
+
+    ``temperature`` is the sampling temperature (see :func:`logprob_temperature`; 0 counts as 1), applied
+    after the upcast, so the entropy is that of the distribution the completions were sampled from (the
+    full tempered softmax: top-k / top-p truncation is not applied).
 
     ``H = -sum_v p_v log p_v`` computed from ``log_softmax`` (never ``log(softmax)``, which underflows to
     ``0 * -inf = nan`` for confident tokens). Work is done in (at least) float32 on ``chunk_size`` rows so a
@@ -358,15 +380,18 @@ def entropy_from_logits(logits: Tensor, chunk_size: int | None = 8) -> Tensor:
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    temperature = logprob_temperature(temperature)
     out = []
     for rows in _row_chunks(logits.shape[0], chunk_size):
-        logp = torch.log_softmax(_upcast(logits[rows]), dim=-1)
+        logp = torch.log_softmax(_tempered(_upcast(logits[rows]), temperature), dim=-1)
         out.append(-(logp.exp() * logp).sum(dim=-1))
     return torch.cat(out, dim=0)
 
 
-def token_logprobs(logits: Tensor, token_ids: Tensor, chunk_size: int | None = 8) -> Tensor:
-    """Log-probability of given tokens.
+def token_logprobs(
+    logits: Tensor, token_ids: Tensor, chunk_size: int | None = 8, temperature: float = 1.0
+) -> Tensor:
+    """Log-probability of given tokens under ``softmax(logits / temperature)``.
 
     Shapes: ``logits [B, T, V]``, ``token_ids [B, T]`` (integer) -> ``[B, T]`` in float32 (float64 if
     the logits are float64).
@@ -375,6 +400,13 @@ def token_logprobs(logits: Tensor, token_ids: Tensor, chunk_size: int | None = 8
     caller shifts (``logits[:, prompt_len - 1 : -1]`` against the completion ids). Computed as
     ``gather(logits) - logsumexp(logits)`` in (at least) float32, ``chunk_size`` rows at a time, which never
     materialises a full-size log-softmax and keeps the float32 copy small for bf16 logits.
+
+    ``temperature`` is the rollout's sampling temperature (0, greedy, counts as 1; see
+    :func:`logprob_temperature`): the policy being optimised is the distribution the engine sampled from,
+    so the ratio, the KL and the engine parity check all need ``log_softmax(logits / T)``. The division
+    happens after the float32 upcast. Top-k / top-p truncation is *not* applied: the trainer uses the
+    full tempered softmax, while the engine samples from (and reports log-probs of) the truncated,
+    renormalised one; the two differ by ``-log(kept probability mass)`` per token.
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
@@ -382,10 +414,64 @@ def token_logprobs(logits: Tensor, token_ids: Tensor, chunk_size: int | None = 8
         raise ValueError(
             f"token_ids shape {tuple(token_ids.shape)} does not match logits [B, T] {tuple(logits.shape[:2])}"
         )
+    temperature = logprob_temperature(temperature)
     ids = token_ids.long().unsqueeze(-1)
     out = []
     for rows in _row_chunks(logits.shape[0], chunk_size):
-        chunk = _upcast(logits[rows])
+        chunk = _tempered(_upcast(logits[rows]), temperature)
         picked = chunk.gather(-1, ids[rows]).squeeze(-1)
         out.append(picked - torch.logsumexp(chunk, dim=-1))
     return torch.cat(out, dim=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Engine / trainer mismatch
+# --------------------------------------------------------------------------------------------------------
+
+
+def logprob_gap(logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """How far the trainer's log-probs are from the engine's, over the masked tokens.
+
+    Shapes: ``logprobs [B, T]``, ``engine_logprobs [B, T]``, ``mask [B, T]`` ->
+    ``(sum |difference| [], max |difference| [], tokens [])``, all detached float64 (sums and maxima of
+    micro-batches combine exactly; the mean gap is ``sum / tokens``). An empty mask gives ``(0, 0, 0)``.
+
+    Both sides must be log-probs of the same token under the same (tempered) distribution; in exact
+    arithmetic the difference is zero, so what is left measures the engine/trainer mismatch: precision,
+    kernels, a stale engine, a wrong temperature, or the mass top-k / top-p truncation removed.
+    """
+    if logprobs.shape != engine_logprobs.shape:
+        raise ValueError(
+            f"engine_logprobs shape {tuple(engine_logprobs.shape)} != logprobs shape {tuple(logprobs.shape)}"
+        )
+    m = _float_mask(mask, logprobs) > 0
+    diff = (logprobs.detach().double() - engine_logprobs.detach().double()).abs()[m]
+    if diff.numel() == 0:
+        zero = torch.zeros((), dtype=torch.float64, device=logprobs.device)
+        return zero, zero.clone(), zero.clone()
+    return diff.sum(), diff.max(), torch.tensor(float(diff.numel()), dtype=torch.float64, device=diff.device)
+
+
+def truncated_importance_weights(old_logprobs: Tensor, engine_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (TIS) weights for an engine that samples from a slightly different
+    distribution than the trainer computes.
+
+    Shapes: ``old_logprobs [B, T]`` (the trainer's log-probs of the sampled tokens before the update;
+    on-policy, the current ones), ``engine_logprobs [B, T]`` (what the engine sampled them with) ->
+    ``[B, T]``, detached: ``min(exp(old_logprobs - engine_logprobs), cap)``.
+
+    The rollout comes from the engine's distribution ``mu``; the gradient wants samples from the trainer's
+    ``pi_old``. Weighting each token's policy-gradient term by ``pi_old / mu`` corrects for that, and the
+    cap bounds the variance a token the engine found much less likely than the trainer would add
+    (Yao et al., "Your efficient RL framework secretly brings you off-policy RL training", 2025; TRL
+    and verl implement the same). Weights are constants (no gradient flows through them).
+    """
+    if cap <= 0:
+        raise ValueError(f"the TIS cap must be > 0, got {cap}")
+    if old_logprobs.shape != engine_logprobs.shape:
+        raise ValueError(
+            f"engine_logprobs shape {tuple(engine_logprobs.shape)} != old_logprobs shape "
+            f"{tuple(old_logprobs.shape)}"
+        )
+    with torch.no_grad():
+        return torch.exp(old_logprobs.detach() - engine_logprobs.detach()).clamp(max=cap)

@@ -31,10 +31,33 @@ from lit_dash.rewards import math_rewards
 
 UPDATE_MODES = ("dash", "multi", "mini")
 NORMALIZE_OVER = ("rollout", "kept")
+PARITY_CHECKS = ("warn", "error", "off")
+# Default parity thresholds (mean |engine - trainer| log-prob per token, nats), measured on the
+# SmolLM2-135M model at temperatures 0.7-1.3: fp32 engine + fp32 trainer 6e-6; a bf16 engine (trainer
+# fp32 or bf16) 0.03-0.05; fp32 with top-k 50 at T 0.9 0.03 (the truncated mass alone). A wrong
+# temperature gave 0.3-0.7, weights off by N(0, 1e-3) noise 0.05-0.07.
+PARITY_THRESHOLD_FP32 = 0.02
+PARITY_THRESHOLD_LOW_PRECISION = 0.1
 
 
 class NonFiniteLossError(RunStopped):
     """Several optimizer steps in a row had a NaN or infinite loss or gradient."""
+
+
+class EngineParityError(RunStopped):
+    """The engine's log-probs of its own samples are far from the policy's: it is not sampling from the
+    policy being trained."""
+
+
+def default_parity_threshold(
+    precision: torch.dtype, engine_dtype: torch.dtype | None, truncated: bool = False
+) -> float:
+    """The parity threshold when none is set: tight when trainer and engine both compute in fp32 and
+    sampling is not truncated; looser when either rounds to 16 bits (an unknown engine dtype counts as
+    16-bit) or top-k / top-p truncate sampling (the removed mass then counts in the gap)."""
+    if precision == torch.float32 and engine_dtype in (torch.float32, torch.float64) and not truncated:
+        return PARITY_THRESHOLD_FP32
+    return PARITY_THRESHOLD_LOW_PRECISION
 
 
 class DashModule(L.LightningModule):
@@ -79,6 +102,21 @@ class DashModule(L.LightningModule):
         max_nonfinite_steps: a step whose loss or gradient is NaN or infinite is skipped (no update,
             counted as train/nonfinite_steps); this many in a row stop the run.
         model_cache: where converted models are cached (default ~/.cache/lit_dash or $LIT_DASH_CACHE).
+        parity_check: every step compares the log-prob the engine gave each sampled token with the
+            policy's (first forward of the step, before the update; logged as train/engine_logprob_gap,
+            mean, and train/engine_logprob_gap_max); above parity_threshold, ``warn``, ``error`` (stop the
+            run) or ``off`` (log only).
+        parity_threshold: mean absolute log-prob gap per token (nats) that counts as a mismatch; null:
+            0.02 when the trainer (precision) and the engine (dtype) both compute in float32 and sampling
+            has no top-k / top-p, else 0.1.
+        tis_cap: truncated importance sampling: weight each token's policy-gradient term by
+            min(pi_old / pi_engine, tis_cap) (detached), correcting for an engine that samples from a
+            slightly different distribution than the trainer computes (a bf16 engine beside an fp32
+            trainer, large train/engine_logprob_gap); null (default) leaves the loss as it is.
+
+    Log-probs, entropy, KL and the PPO ratio are all computed at the rollout's sampling temperature T
+    (``log_softmax(logits / T)``; T = 0, greedy, counts as 1), from the full softmax: top-k / top-p
+    truncation is not applied, so with them the parity gap includes the truncated probability mass.
     """
 
     def __init__(
@@ -107,6 +145,9 @@ class DashModule(L.LightningModule):
         seed: int | None = None,
         model_cache: str | None = None,
         max_nonfinite_steps: int = 3,
+        parity_check: str = "warn",
+        parity_threshold: float | None = None,
+        tis_cap: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -129,6 +170,12 @@ class DashModule(L.LightningModule):
             errors.append("ppo_epochs and ppo_mini_batches must be >= 1")
         if max_nonfinite_steps < 1:
             errors.append(f"max_nonfinite_steps must be >= 1 (optimizer steps), got {max_nonfinite_steps}")
+        if parity_check not in PARITY_CHECKS:
+            errors.append(f"parity_check must be one of {PARITY_CHECKS}, got {parity_check!r}")
+        if parity_threshold is not None and not parity_threshold > 0:
+            errors.append(f"parity_threshold must be > 0 (nats per token) or null, got {parity_threshold}")
+        if tis_cap is not None and not tis_cap > 0:
+            errors.append(f"tis_cap must be > 0 (a ratio cap, e.g. 2.0) or null (no TIS), got {tis_cap}")
         if errors:
             raise ConfigError("model configuration: " + "; ".join(errors))
         check_model_name(model)  # unknown alias / missing path: fail before anything is loaded
@@ -150,6 +197,8 @@ class DashModule(L.LightningModule):
         self.phase_seconds: dict[str, float] = {}
         self._val_records: dict[str, list[dict]] = {}
         self._resolved: str | None = None
+        self.last_engine_gap: dict[str, float] | None = None  # the last step's parity figures
+        self._parity_warned_at = 0.0  # the largest gap warned about so far (warn mode)
 
     # ---- models -------------------------------------------------------------------------------------
 
@@ -269,17 +318,26 @@ class DashModule(L.LightningModule):
         return out
 
     def forward(self, micro_batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs and entropies, ``[b, L-1]``, zero outside the completion positions."""
+        """Per-token log-probs and entropies at the sampling temperature (``logits / T``), ``[b, L-1]``,
+        zero outside the completion positions."""
         logits, targets = self.completion_logits(self.policy, micro_batch)
-        logprobs = losses.token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]
+        temperature = micro_batch.temperature
+        logprobs = losses.token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0), temperature=temperature)[
+            0
+        ]
         with torch.no_grad():
-            entropy = losses.entropy_from_logits(logits.detach().unsqueeze(0))[0]
+            entropy = losses.entropy_from_logits(logits.detach().unsqueeze(0), temperature=temperature)[0]
         return self._scatter(logprobs, micro_batch), self._scatter(entropy, micro_batch)
 
     @torch.no_grad()
     def _logprobs_of(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+        """``model``'s log-probs of the completion tokens at the sampling temperature (policy for PPO's
+        old log-probs, reference for the KL)."""
         logits, targets = self.completion_logits(model, mb)
-        return self._scatter(losses.token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0], mb)
+        logprobs = losses.token_logprobs(
+            logits.unsqueeze(0), targets.unsqueeze(0), temperature=mb.temperature
+        )
+        return self._scatter(logprobs[0], mb)
 
     def _add_time(self, phase: str, seconds: float) -> None:
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
@@ -315,7 +373,13 @@ class DashModule(L.LightningModule):
         ref_logprobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step loss (summing over the step's micro-batches gives the step
-        loss), and its share of the logged statistics."""
+        loss), and its share of the logged statistics.
+
+        On-policy (``old_logprobs`` None) this forward is the step's first, so it also measures the gap to
+        the engine's log-probs (``gap_sum``, ``gap_max``, ``gap_tokens`` in the stats; PPO measures it on
+        the old log-probs instead). With ``tis_cap`` each token's policy-gradient term is weighted by
+        ``min(exp(old - engine), tis_cap)``, the old log-probs being the current ones on-policy.
+        """
         hp = self.hparams
         mask = mb.completion_mask.to(self.device)
         logprobs, entropy = self(mb)
@@ -328,6 +392,20 @@ class DashModule(L.LightningModule):
             "entropy": float((entropy * mask).sum()) / max(counts["global_tokens"], 1.0),
             "kl": 0.0,
         }
+        engine_lp = mb.engine_logprobs.to(self.device) if mb.engine_logprobs is not None else None
+        if old_logprobs is None and engine_lp is not None:
+            gap_sum, gap_max, gap_tokens = losses.logprob_gap(logprobs, engine_lp, mask)
+            stats.update(gap_sum=float(gap_sum), gap_max=float(gap_max), gap_tokens=float(gap_tokens))
+        if hp.tis_cap is not None:
+            if engine_lp is None:
+                raise RunStopped(
+                    "model.tis_cap needs the engine's log-probs of the sampled tokens, and this rollout has "
+                    "none (the engine reported no log-probs): use the vllm or hf engine, or set tis_cap: null"
+                )
+            old = old_logprobs if old_logprobs is not None else logprobs.detach()
+            weights = losses.truncated_importance_weights(old, engine_lp, hp.tis_cap)
+            per_token = per_token * weights
+            stats["tis_weight_mean"] = float((weights * mask).sum()) / max(counts["global_tokens"], 1.0)
         if self.kl_coef > 0:
             kl = losses.kl_penalty(logprobs, ref_logprobs, hp.kl_estimator)
             per_token = per_token + self.kl_coef * kl
@@ -368,6 +446,8 @@ class DashModule(L.LightningModule):
         # the completions the loss is divided over (x max_new_tokens in constant mode)
         over_rollout = sampled is not None and self.hparams.normalize_over == "rollout"
         totals["loss_denominator_completions"] = sampled[0] if over_rollout else counts["global_seqs"]
+        if self.hparams.tis_cap is not None:
+            totals["tis_weight_mean"] = 0.0
         for n, i in enumerate(chunk):
             with self._grad_sync(last=n == len(chunk) - 1):
                 if i < len(micro_batches):
@@ -375,7 +455,10 @@ class DashModule(L.LightningModule):
                     loss, stats = self.micro_batch_loss(micro_batches[i], counts, old_i, ref.get(i))
                     loss, stats["loss"] = loss * weight, stats["loss"] * weight
                     for key, value in stats.items():
-                        totals[key] += value
+                        if key == "gap_max":
+                            totals[key] = max(totals.get(key, 0.0), value)
+                        else:
+                            totals[key] = totals.get(key, 0.0) + value
                 else:
                     loss = self._zero_loss()
                 self.manual_backward(loss * world if world > 1 else loss)
@@ -383,7 +466,7 @@ class DashModule(L.LightningModule):
 
     def _reduce_over_ranks(self, values: list[float], op: str) -> list[float]:
         """Sum or max of each value over all ranks, through the strategy (a no-op on one process)."""
-        if self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         return self.trainer.strategy.reduce(tensor, reduce_op=op).tolist()
@@ -473,8 +556,18 @@ class DashModule(L.LightningModule):
         if self.kl_coef > 0:
             ref = {i: self._logprobs_of(self.reference, mb) for i, mb in enumerate(rollout.micro_batches)}
         old = None
+        gap = None
         if self.update_mode != "dash":  # PPO: the ratio is taken against the sampling-time policy
             old = {i: self._logprobs_of(self.policy, mb) for i, mb in enumerate(rollout.micro_batches)}
+            gap = self._gap_sums(
+                [
+                    losses.logprob_gap(
+                        old[i], mb.engine_logprobs.to(self.device), mb.completion_mask.to(self.device)
+                    )
+                    for i, mb in enumerate(rollout.micro_batches)
+                    if mb.engine_logprobs is not None
+                ]
+            )
         self._add_time("ref_old_logprobs", time.perf_counter() - start)
 
         plan = self._update_plan(slice_sizes, most)
@@ -482,6 +575,7 @@ class DashModule(L.LightningModule):
         sampled = (rollout.sampled_completions * share, rollout.sampled_tokens * share)
         totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
         grad_norm = float("nan")
+        checked = False  # the parity guard runs on the first step that trains, before its update
         for chunk in plan:
             if not chunk:  # a mini-batch slice with nothing kept on any rank: a counted no-op step
                 self.skipped_steps += 1
@@ -490,11 +584,89 @@ class DashModule(L.LightningModule):
                 continue
             start = time.perf_counter()
             totals = self._accumulate(rollout.micro_batches, chunk, old, ref, sampled)
+            on_policy_gap = tuple(totals.pop(k, 0.0) for k in ("gap_sum", "gap_max", "gap_tokens"))
             self._add_time("forward_backward", time.perf_counter() - start)
+            if not checked:  # before the first update: stop here, not after training on a mismatched rollout
+                checked = True
+                if gap is None:
+                    gap = on_policy_gap
+                stats.update(self._check_parity(*gap, rollout))
             grad_norm = self._optimizer_step(totals["loss"])
             self.update_stats.append({**totals, "grad_norm": grad_norm})
         stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
         self._log_step(stats, totals, grad_norm)
+
+    @staticmethod
+    def _gap_sums(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, float, float]:
+        """Combine per-micro-batch (sum, max, tokens) of the log-prob gap."""
+        return (
+            float(sum(float(s) for s, _, _ in parts)),
+            max((float(m) for _, m, _ in parts), default=0.0),
+            float(sum(float(t) for _, _, t in parts)),
+        )
+
+    def parity_threshold(self, rollout: Rollout | None = None) -> float:
+        """model.parity_threshold, or the default for this trainer precision, the engine's dtype and the
+        rollout's sampling (truncated by top-k / top-p or not)."""
+        if self.hparams.parity_threshold is not None:
+            return float(self.hparams.parity_threshold)
+        engine = getattr(getattr(self.trainer, "datamodule", None), "engine", None) if self._trainer else None
+        return default_parity_threshold(
+            resolve_dtype(self.hparams.precision, self.device),
+            getattr(engine, "dtype", None),
+            truncated=rollout is not None and rollout.truncated_sampling,
+        )
+
+    def _check_parity(self, gap_sum: float, gap_max: float, gap_tokens: float, rollout: Rollout) -> dict:
+        """The step's engine/trainer log-prob gap over all ranks (logged), and the guard on it."""
+        gap_sum, gap_tokens = self._reduce_over_ranks([gap_sum, gap_tokens], "sum")
+        (gap_max,) = self._reduce_over_ranks([gap_max], "max")
+        if gap_tokens == 0:  # the engine reported no log-probs: nothing to compare
+            self.last_engine_gap = None
+            return {}
+        mean = gap_sum / gap_tokens
+        self.last_engine_gap = {"mean": mean, "max": gap_max, "tokens": gap_tokens}
+        figures = {"train/engine_logprob_gap": mean, "train/engine_logprob_gap_max": gap_max}
+        check = self.hparams.parity_check
+        threshold = self.parity_threshold(rollout)
+        if check == "off" or mean <= threshold:
+            return figures
+        message = self._parity_message(mean, gap_max, gap_tokens, threshold, rollout)
+        if check == "error":
+            raise EngineParityError(message)
+        if mean > 2 * self._parity_warned_at:  # warn again only when the gap has doubled since the last one
+            self._parity_warned_at = mean
+            rank_zero_warn(message + " (model.parity_check: warn; warns again if the gap doubles)")
+        return figures
+
+    def _parity_message(
+        self, mean: float, gap_max: float, tokens: float, threshold: float, rollout: Rollout
+    ) -> str:
+        engine = getattr(self.trainer.datamodule, "engine", None) if self._trainer else None
+        engine_dtype = str(getattr(engine, "dtype", "unknown")).removeprefix("torch.")
+        precision = str(resolve_dtype(self.hparams.precision, self.device)).removeprefix("torch.")
+        truncation = ""
+        if rollout.truncated_sampling:
+            truncation = (
+                f"; top-k / top-p truncation (top_k={rollout.top_k}, top_p={rollout.top_p}): the engine "
+                "renormalises over the kept tokens, the trainer does not, so the removed mass counts in the gap"
+            )
+        chosen = (
+            "model.parity_threshold"
+            if self.hparams.parity_threshold is not None
+            else "default for this precision and sampling"
+        )
+        return (
+            f"step {self.global_step}: the engine's log-probs of its own samples differ from the policy's by "
+            f"{mean:.4f} nats per token on average (max {gap_max:.3f}, over {int(tokens)} tokens), above the "
+            f"threshold {threshold} ({chosen}): the engine is not sampling from the policy being trained. "
+            "Likely causes: the engine is not serving the policy's weights (a weight sync skipped or not "
+            "taking effect; see time/weight_sync); the trainer's temperature is not the sampling temperature "
+            f"(the rollout says {rollout.temperature}); a precision mismatch (trainer {precision}, engine "
+            f"{engine_dtype}: pin model.precision and data.engine.dtype to float32 to tell){truncation}. "
+            "To change the check: model.parity_check (warn / error / off) and model.parity_threshold; "
+            "model.tis_cap corrects a small, expected mismatch."
+        )
 
     def _update_plan(self, slice_sizes: list[int], most: list[int] | None = None) -> list[list[int]]:
         """Which micro-batches each optimizer step of this rollout accumulates over.

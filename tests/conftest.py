@@ -1,4 +1,9 @@
-"""Shared fixtures: one vLLM engine per model per test session, the local data, the models."""
+"""Shared fixtures: one vLLM engine per model (and dtype) per test session, the local data, the models.
+
+The shared engines compute in float32 on every machine (``dtype: auto`` would be bf16 on a bf16-native
+CPU or a GPU, and the exact invariants tested against them would fail there). Tests of bf16 numerics ask
+for ``tiny_engine_bf16``, started only when one of them runs.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_ENGINES: dict[str, object] = {}
+_ENGINES: dict[tuple[str, str], object] = {}
 
 
 @pytest.fixture(scope="session")
@@ -26,21 +31,29 @@ def smollm2_path() -> str:
     return resolve_model("smollm2-135m-instruct")
 
 
-def _engine(path: str):
-    if path not in _ENGINES:
+def _engine(path: str, dtype: str = "float32", kv_cache_gib: float = 0.5):
+    if (path, dtype) not in _ENGINES:
         from lit_dash.engines.vllm_engine import VLLMEngine
 
-        _ENGINES[path] = VLLMEngine(path, seed=0, kv_cache_gib=0.5, max_model_len=512)
-    return _ENGINES[path]
+        _ENGINES[path, dtype] = VLLMEngine(
+            path, seed=0, kv_cache_gib=kv_cache_gib, max_model_len=512, dtype=dtype
+        )
+    return _ENGINES[path, dtype]
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_path):
-    """The session's vLLM engine on the tiny random Llama (started once, about 10 s)."""
+    """The session's float32 vLLM engine on the tiny random Llama (started once, about 10 s)."""
     return _engine(tiny_model_path)
 
 
 @pytest.fixture(scope="session")
+def tiny_engine_bf16(tiny_model_path):
+    """A bfloat16 vLLM engine on the tiny random Llama, for the bf16 numerics (started on first use)."""
+    return _engine(tiny_model_path, "bfloat16", kv_cache_gib=0.25)
+
+
+@pytest.fixture(scope="session")
 def smollm2_engine(smollm2_path):
-    """The session's vLLM engine on the real SmolLM2-135M-Instruct."""
+    """The session's float32 vLLM engine on the real SmolLM2-135M-Instruct."""
     return _engine(smollm2_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_dash.data.buffer import RewardError, RolloutBuffer
+from lit_dash.data.buffer import RewardError, RolloutBuffer, pad_micro_batch
 from lit_dash.data.records import Problem
 from lit_dash.engines import SamplingConfig
 
@@ -57,6 +57,28 @@ def test_micro_batch_masks_line_up_with_completion_tokens(tiny_engine):
             # mask position t predicts token t+1 of the sequence: those tokens are exactly the completion
             assert mb.input_ids[i, positions + 1].tolist() == completion
             assert float(mb.advantages[i]) == float(rollout.advantages[row])
+            # the engine's log-prob of each completion token sits on the position that predicts it
+            engine_lp = rollout.completions[row].logprobs
+            assert len(engine_lp) == len(completion)
+            assert mb.engine_logprobs[i, positions].tolist() == pytest.approx(engine_lp, abs=1e-6)
+            assert float(mb.engine_logprobs[i].abs().sum()) == pytest.approx(
+                sum(-lp for lp in engine_lp), rel=1e-5
+            )
+        assert mb.temperature == rollout.temperature == 1.0
+
+
+def test_pad_micro_batch_lays_engine_logprobs_on_the_completion_mask():
+    mb = pad_micro_batch(
+        [([1, 2], [3, 4, 5]), ([1], [6])], 0, torch.zeros(2), [0, 1], 0.7, [[-0.1, -0.2, -0.3], [-0.4]]
+    )
+    # row 0: 5 tokens, completion predicted from positions 1..3; row 1: 2 tokens, position 0
+    assert mb.completion_mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    expected = torch.tensor([[0, -0.1, -0.2, -0.3], [-0.4, 0, 0, 0]])
+    torch.testing.assert_close(mb.engine_logprobs, expected)
+    assert mb.temperature == 0.7
+    assert pad_micro_batch([([1], [2])], 0, torch.zeros(1), [0]).engine_logprobs is None
+    with pytest.raises(ValueError, match="2 tokens but 1 engine log-probs"):
+        pad_micro_batch([([1], [2, 3])], 0, torch.zeros(1), [0], engine_logprobs=[[-0.5]])
 
 
 def test_nothing_survives_when_every_group_is_constant(tiny_engine):

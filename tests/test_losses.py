@@ -18,8 +18,11 @@ from lit_dash.losses import (
     group_advantages,
     keep_mask,
     kl_penalty,
+    logprob_gap,
+    logprob_temperature,
     policy_loss,
     token_logprobs,
+    truncated_importance_weights,
     zero_variance_groups,
 )
 
@@ -436,3 +439,67 @@ def test_token_logprobs_matches_manual_and_chunks():
         assert_close(out, manual)
     with pytest.raises(ValueError):
         token_logprobs(logits, ids[:, :3])
+
+
+# ------------------------------------------------------------------------------------- temperature, TIS
+
+LN3 = math.log(3.0)
+
+
+@pytest.mark.parametrize("temperature", [2.0, 0.5, 1.3])
+def test_token_logprobs_and_entropy_at_a_temperature(temperature):
+    # rows [T ln3, 0] and [0, T ln3]: divided by T, p = [3/4, 1/4] and [1/4, 3/4]; token 0 is picked
+    logits = t([[[temperature * LN3, 0.0], [0.0, temperature * LN3]]])
+    ids = torch.tensor([[0, 0]])
+    expected = t([[math.log(0.75), math.log(0.25)]])
+    assert_close(token_logprobs(logits, ids, temperature=temperature), expected)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # 0.5623351446...
+    assert_close(entropy_from_logits(logits, temperature=temperature), t([[h, h]]))
+    # negative control: at T = 1 the same logits give other numbers (unless T is 1)
+    untempered = token_logprobs(logits, ids)
+    assert not torch.allclose(untempered, expected)
+
+
+def test_temperature_zero_counts_as_one():
+    logits = t([[[LN3, 0.0]]])
+    ids = torch.tensor([[1]])
+    assert logprob_temperature(0.0) == 1.0 and logprob_temperature(0.7) == 0.7
+    assert_close(token_logprobs(logits, ids, temperature=0.0), t([[math.log(0.25)]]))
+    assert torch.isfinite(entropy_from_logits(logits, temperature=0.0)).all()
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        logprob_temperature(-1.0)
+
+
+def test_temperature_is_applied_after_the_upcast():
+    # bf16 logits / T in bf16 would round; the float32 division must match the float32 reference
+    torch.manual_seed(4)
+    logits = torch.randn(2, 3, 17, dtype=torch.bfloat16) * 4
+    ids = torch.randint(0, 17, (2, 3))
+    manual = torch.log_softmax(logits.float() / 1.3, -1).gather(-1, ids[..., None]).squeeze(-1)
+    assert_close(token_logprobs(logits, ids, temperature=1.3), manual, rtol=0, atol=1e-6)
+
+
+def test_logprob_gap_hand_values():
+    trainer = t([[-1.0, -2.0, -3.0], [-0.5, -9.0, 0.0]])
+    engine = t([[-1.1, -2.0, -2.5], [-0.25, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])  # the -9 vs 0 position is padding and must not count
+    total, worst, tokens = logprob_gap(trainer, engine, mask)
+    assert_close(total, t(0.1 + 0.0 + 0.5 + 0.25))
+    assert_close(worst, t(0.5))
+    assert tokens.item() == 4
+    total, worst, tokens = logprob_gap(trainer, engine, torch.zeros(2, 3))
+    assert total.item() == worst.item() == tokens.item() == 0
+    with pytest.raises(ValueError, match="engine_logprobs shape"):
+        logprob_gap(trainer, engine[:, :2], mask)
+
+
+def test_truncated_importance_weights_hand_values():
+    old = torch.log(t([[0.5, 0.9, 0.1]])).requires_grad_(True)
+    engine = torch.log(t([[0.25, 0.9, 0.4]]))
+    # ratios pi_old / pi_engine: 2 (capped to 1.5), 1, 0.25 (a lower ratio is never raised)
+    w = truncated_importance_weights(old, engine, cap=1.5)
+    assert_close(w, t([[1.5, 1.0, 0.25]]))
+    assert not w.requires_grad  # constants: no gradient flows through the weights
+    assert_close(truncated_importance_weights(old, engine, cap=10.0), t([[2.0, 1.0, 0.25]]))
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_importance_weights(old, engine, cap=0.0)

@@ -43,6 +43,11 @@ class MicroBatch:
 
     ``input_ids [b, L]`` is prompt + completion; ``completion_mask [b, L-1]`` marks the positions whose
     *next-token* prediction is a completion token (aligned with ``logits[:, :-1]``).
+
+    ``temperature`` is the sampling temperature of the completions: the trainer's log-probs, entropy, KL
+    and PPO ratio use ``logits / temperature`` (0, greedy, counts as 1). ``engine_logprobs [b, L-1]``
+    (aligned with ``completion_mask``, zero elsewhere) holds the log-prob the engine's sampler gave each
+    sampled token, after temperature and top-k / top-p; ``None`` when the engine reported none.
     """
 
     input_ids: torch.Tensor
@@ -50,6 +55,8 @@ class MicroBatch:
     completion_mask: torch.Tensor
     advantages: torch.Tensor
     rows: list[int]
+    temperature: float = 1.0
+    engine_logprobs: torch.Tensor | None = None
 
     @property
     def num_completions(self) -> int:
@@ -76,10 +83,18 @@ class Rollout:
     timings: dict[str, float] = field(default_factory=dict)
     engine_calls: int = 1
     slice_sizes: list[int] | None = None  # micro-batches per slice, in order; None: one slice of all
+    temperature: float = 1.0  # the sampling temperature (its micro-batches carry it too)
+    top_k: int = -1  # the sampling's truncation: the engine's log-probs are renormalised over what it kept
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.slice_sizes is None:
             self.slice_sizes = [len(self.micro_batches)]
+
+    @property
+    def truncated_sampling(self) -> bool:
+        """True when top-k or top-p shaped the sampling (the parity gap then holds the removed mass)."""
+        return self.top_k > 0 or self.top_p < 1.0
 
     @property
     def num_kept(self) -> int:
@@ -156,7 +171,7 @@ class RolloutBuffer:
 
     def _generate(self, prompts: list[str]) -> tuple[list[list[int]], list[Completion], int]:
         if self.rollout_mode == "preemptive":
-            result = self.engine.generate(prompts, self.group_size, self.sampling)
+            result = self.engine.generate(prompts, self.group_size, self.sampling, want_logprobs=True)
             return result.prompt_token_ids, result.completions, 1
         # Standard GRPO: each engine call samples one micro-batch worth of completions (whole groups).
         prompts_per_call = max(1, self.micro_batch_size // self.group_size)
@@ -165,7 +180,7 @@ class RolloutBuffer:
         calls = 0
         for start in range(0, len(prompts), prompts_per_call):
             result = self.engine.generate(
-                prompts[start : start + prompts_per_call], self.group_size, self.sampling
+                prompts[start : start + prompts_per_call], self.group_size, self.sampling, want_logprobs=True
             )
             for c in result.completions:
                 c.prompt_index += start
@@ -219,6 +234,9 @@ class RolloutBuffer:
             timings=timings,
             engine_calls=engine_calls,
             slice_sizes=slice_sizes,
+            temperature=self.sampling.temperature,
+            top_k=self.sampling.top_k,
+            top_p=self.sampling.top_p,
         )
 
     def _sliced_micro_batches(
@@ -284,20 +302,47 @@ class RolloutBuffer:
         advantages: torch.Tensor,
     ) -> MicroBatch:
         seqs = [(prompt_ids[completions[r].prompt_index], completions[r].token_ids) for r in rows]
-        return pad_micro_batch(seqs, self.pad_token_id, advantages[rows].clone(), rows)
+        engine_logprobs = [completions[r].logprobs for r in rows]
+        if not all(
+            len(lp) == len(completions[r].token_ids) for lp, r in zip(engine_logprobs, rows, strict=True)
+        ):
+            engine_logprobs = None  # an engine that reports no (or partial) log-probs: no parity check
+        return pad_micro_batch(
+            seqs,
+            self.pad_token_id,
+            advantages[rows].clone(),
+            rows,
+            temperature=self.sampling.temperature,
+            engine_logprobs=engine_logprobs,
+        )
 
 
 def pad_micro_batch(
-    seqs: list[tuple[list[int], list[int]]], pad_token_id: int, advantages: torch.Tensor, rows: list[int]
+    seqs: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    advantages: torch.Tensor,
+    rows: list[int],
+    temperature: float = 1.0,
+    engine_logprobs: list[list[float]] | None = None,
 ) -> MicroBatch:
     """Right-pad ``(prompt ids, completion ids)`` pairs into one :class:`MicroBatch`; the completion mask
-    marks the positions whose next token is a completion token (aligned with ``logits[:, :-1]``)."""
+    marks the positions whose next token is a completion token (aligned with ``logits[:, :-1]``), and
+    ``engine_logprobs[i]`` (one per completion token of pair i) is laid out on the same positions."""
     width = max(len(p) + len(c) for p, c in seqs)
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
     completion_mask = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
+    engine = None if engine_logprobs is None else torch.zeros((len(seqs), width - 1), dtype=torch.float32)
     for i, (p, c) in enumerate(seqs):
         input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
         attention[i, : len(p) + len(c)] = 1
         completion_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
-    return MicroBatch(input_ids, attention, completion_mask, advantages, rows)
+        if engine is not None:
+            if len(engine_logprobs[i]) != len(c):
+                raise ValueError(
+                    f"completion {i} has {len(c)} tokens but {len(engine_logprobs[i])} engine log-probs"
+                )
+            engine[i, len(p) - 1 : len(p) + len(c) - 1] = torch.tensor(
+                engine_logprobs[i], dtype=torch.float32
+            )
+    return MicroBatch(input_ids, attention, completion_mask, advantages, rows, temperature, engine)

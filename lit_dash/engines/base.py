@@ -44,9 +44,10 @@ class Completion:
     """One sampled completion of one prompt.
 
     ``token_ids`` are the completion tokens only (prompt excluded); ``logprobs[i]`` is the engine's
-    log-probability of ``token_ids[i]`` under the sampling distribution's *unmodified* model logits
-    (empty when the engine was not asked for them); ``truncated`` is True when generation stopped at
-    ``max_new_tokens`` rather than at an end-of-sequence token.
+    log-probability of ``token_ids[i]`` under the distribution it was sampled from: after temperature and
+    top-k / top-p, renormalised over the kept tokens (empty when the engine was not asked for them);
+    ``truncated`` is True when generation stopped at ``max_new_tokens`` rather than at an end-of-sequence
+    token.
     """
 
     prompt_index: int
@@ -74,17 +75,25 @@ class GenerationResult:
 
 
 class Engine(ABC):
-    """A rollout engine: ``generate`` and ``load_weights``."""
+    """A rollout engine: ``generate`` and ``load_weights``.
+
+    ``dtype`` is the dtype the engine's model computes in (None when unknown); the trainer's parity
+    check picks its default threshold by it.
+    """
+
+    dtype: torch.dtype | None = None
 
     @abstractmethod
     def generate(
         self, prompts: list[str], n: int, sampling: SamplingConfig, want_logprobs: bool = False
     ) -> GenerationResult:
-        """Sample ``n`` completions for each prompt in one call; completions come prompt-major."""
+        """Sample ``n`` completions for each prompt in one call; completions come prompt-major. With
+        ``want_logprobs`` each completion carries the sampler's log-probs of its tokens (see Completion)."""
 
     @abstractmethod
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the engine's weights (transformers checkpoint names and layout)."""
+        """Replace the engine's weights (transformers checkpoint names and layout; any float dtype, the
+        engine casts them to its own)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's resources."""

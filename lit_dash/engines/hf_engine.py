@@ -32,6 +32,7 @@ class HFEngine(Engine):
             self.device
         )
         self.model.eval()
+        self.dtype = self.model.dtype
         self.batch_size = batch_size
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -54,7 +55,7 @@ class HFEngine(Engine):
                 max_new_tokens=sampling.max_new_tokens,
                 do_sample=not sampling.greedy,
                 return_dict_in_generate=True,
-                output_logits=want_logprobs,
+                output_scores=want_logprobs,  # after temperature / top-k / top-p, as vLLM's processed log-probs
                 pad_token_id=self.tokenizer.pad_token_id,
             )
             if sampling.ignore_eos:
@@ -68,8 +69,8 @@ class HFEngine(Engine):
             new_tokens = out.sequences[:, batch["input_ids"].shape[1] :]
             logprobs = None
             if want_logprobs:
-                logits = torch.stack(out.logits, dim=1).float()
-                logprobs = torch.log_softmax(logits, -1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+                scores = torch.stack(out.scores, dim=1).float()
+                logprobs = torch.log_softmax(scores, -1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
             for row, (prompt_index, _) in enumerate(chunk):
                 ids = new_tokens[row].tolist()
                 stop = len(ids)

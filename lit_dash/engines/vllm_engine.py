@@ -7,6 +7,7 @@ process; it must be set before vLLM is imported, which :func:`_import_vllm` does
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -31,6 +32,29 @@ def _import_vllm():
     return vllm
 
 
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" on every weight push.
+
+    vLLM 0.32's layer-wise reload counts a layer's buffers as weights to load; a rotary embedding has
+    only its cos/sin cache, which no checkpoint holds (transformers does not save it either), so every
+    reload warns, and then puts the (unchanged) cache back. Any other layer's failure still warns.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        rotary = bool(args) and str(args[0]).endswith("RotaryEmbedding")
+        return not (rotary and record.msg == "%s: Failed to load weights")
+
+
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def _silence_rotary_reload_warning() -> None:
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, _RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(_RotaryReloadFilter())
+
+
 def vllm_available() -> bool:
     try:
         _import_vllm()
@@ -53,6 +77,11 @@ class VLLMEngine(Engine):
         max_model_len: prompt + completion tokens per sequence.
         dtype: ``"auto"`` picks bf16 on GPUs and bf16-capable CPUs, fp32 elsewhere (see hardware.py).
         tensor_parallel_size: >1 shards the engine over GPUs (CUDA only).
+        logprobs_mode: what a completion's log-probs are. ``processed_logprobs`` (default): the sampler's,
+            after temperature and top-k / top-p (the distribution each token was drawn from), which the
+            trainer's parity check and truncated importance sampling compare with. vLLM's own default,
+            ``raw_logprobs``, ignores the temperature. Prompt log-probs (``sequence_logprobs``) are raw
+            in every mode.
     """
 
     def __init__(
@@ -65,6 +94,7 @@ class VLLMEngine(Engine):
         dtype: str = "auto",
         tensor_parallel_size: int = 1,
         enforce_eager: bool = True,
+        logprobs_mode: str = "processed_logprobs",
     ) -> None:
         vllm = _import_vllm()
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,10 +113,12 @@ class VLLMEngine(Engine):
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
             enable_prefix_caching=False,
+            logprobs_mode=logprobs_mode,
         )
         torch.set_num_threads(threads)  # vLLM drops torch to one thread "for serving"; training needs all
         self._vllm = vllm
         self.tokenizer = self._llm.get_tokenizer()
+        self.dtype = self._llm.llm_engine.model_config.dtype  # pushed weights are cast to it
         hf_config = self._llm.llm_engine.model_config.hf_config
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.max_model_len = max_model_len
@@ -159,14 +191,21 @@ class VLLMEngine(Engine):
         ``lm_head.weight`` sent beside a new embedding wins; yet vLLM 0.32 on CPU ignores an embedding sent
         alone (measured: the push looked like a no-op). So with tied weights the embedding is sent under
         both names, and whatever came as ``lm_head.weight`` is dropped.
+
+        Each tensor is cast to the engine's dtype first (fp32 master weights into a bf16 engine), as vLLM
+        would itself, but without its "Attempted to load weight ... with dtype" warning per tensor.
         """
         weights = []
         for name, tensor in named_tensors:
             if self._tied and name == "lm_head.weight":
                 continue
-            weights.append((name, tensor.detach()))
+            tensor = tensor.detach()
+            if tensor.is_floating_point() and tensor.dtype != self.dtype:
+                tensor = tensor.to(self.dtype)
+            weights.append((name, tensor))
             if self._tied and name == "model.embed_tokens.weight":
-                weights.append(("lm_head.weight", tensor.detach()))
+                weights.append(("lm_head.weight", tensor))
+        _silence_rotary_reload_warning()
         try:
             runner = self._model_runner()
         except AttributeError:  # tensor_parallel_size > 1: the workers live in their own processes

@@ -1,0 +1,173 @@
+"""The engine/trainer parity guard with the real vLLM engine (tiny model): a correct run stays under the
+threshold in float32 and in bfloat16; an engine that does not serve the policy's weights, or a trainer at
+the wrong temperature, shows a gap many times larger, and the guard stops the run."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from tiny_reward import ParityRewardModule
+from transformers import AutoModelForCausalLM
+
+from lit_dash import losses
+from lit_dash.callbacks.weight_sync import WeightSync
+from lit_dash.data.buffer import RolloutBuffer
+from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
+from lit_dash.data.records import Problem
+from lit_dash.engines import SamplingConfig
+from lit_dash.module import EngineParityError
+
+TEMPERATURE = 1.3
+
+
+def restore_engine_weights(engine, path: str) -> None:
+    """Push the weights on disk back into a shared engine (after a test trained into it)."""
+    engine.load_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict().items())
+
+
+class Gaps(L.Callback):
+    """Each step's logged gap."""
+
+    def __init__(self) -> None:
+        self.mean: list[float] = []
+        self.max: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.mean.append(float(trainer.callback_metrics["train/engine_logprob_gap"]))
+        self.max.append(float(trainer.callback_metrics["train/engine_logprob_gap_max"]))
+
+
+class NoSync(WeightSync):
+    """A weight sync that never pushes anything: the engine keeps the weights it started with."""
+
+    def sync(self, trainer, pl_module) -> float:
+        self.synced_step = trainer.global_step
+        return 0.0
+
+
+class PerturbedPolicy(ParityRewardModule):
+    """The policy starts away from the weights on disk (which the engine serves)."""
+
+    def configure_model(self) -> None:
+        fresh = self.policy is None
+        super().configure_model()
+        if fresh:
+            torch.manual_seed(1)
+            with torch.no_grad():
+                for p in self.policy.parameters():
+                    p.add_(torch.randn_like(p) * 0.01)
+
+
+def _fit(engine, module, callbacks, steps: int = 2) -> L.Trainer:
+    data = RolloutDataModule(
+        train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=16),
+        prompts_per_rollout=4,
+        group_size=4,
+        micro_batch_size=8,
+        filter_threshold=None,
+        sampling=SamplingConfig(temperature=TEMPERATURE, max_new_tokens=12),
+        max_prompt_tokens=64,
+        engine=EngineConfig(kind="vllm", dtype=str(engine.dtype).removeprefix("torch.")),
+    )
+    data.engine = engine  # the session's engine: no start-up
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def engine_and_precision(request, tiny_model_path):
+    engine = request.getfixturevalue("tiny_engine" if request.param == "float32" else "tiny_engine_bf16")
+    yield engine, request.param
+    restore_engine_weights(engine, tiny_model_path)  # the fit trained into the shared engine
+
+
+def test_a_synced_run_stays_under_the_threshold(engine_and_precision):
+    """fp32 trainer + fp32 engine: ~1e-7 nats; bf16 trainer + bf16 engine: ~1e-3 (tiny model, measured)."""
+    engine, precision = engine_and_precision
+    module = ParityRewardModule(
+        model="tiny-llama", lr=1e-3, precision=precision, parity_check="error", seed=0
+    )
+    gaps = Gaps()
+    trainer = _fit(engine, module, [gaps])
+    assert trainer.global_step == 2 and len(gaps.mean) == 2
+    threshold = module.parity_threshold()
+    assert threshold == (0.02 if precision == "float32" else 0.1)
+    bound = 1e-4 if precision == "float32" else 1e-2  # well inside the threshold
+    assert all(0 <= g < bound for g in gaps.mean), gaps.mean
+    assert all(m < 10 * bound for m in gaps.max), gaps.max
+    assert module.last_engine_gap["tokens"] >= 16  # every kept completion token was compared
+
+
+def test_ppo_measures_the_gap_on_the_old_logprobs_and_tis_weights_are_one(tiny_engine, tiny_model_path):
+    """update: mini takes the gap from the old log-probs (before the first of its updates); with engine and
+    trainer in fp32 every TIS weight is exp(~0) = 1."""
+    module = ParityRewardModule(
+        model="tiny-llama", lr=1e-3, precision="float32", parity_check="error", update="mini",
+        ppo_mini_batches=2, tis_cap=2.0, seed=0,
+    )  # fmt: skip
+    gaps = Gaps()
+    try:
+        trainer = _fit(tiny_engine, module, [gaps], steps=4)
+    finally:
+        restore_engine_weights(tiny_engine, tiny_model_path)
+    assert trainer.global_step == 4 and len(gaps.mean) == 2  # 2 optimizer steps per rollout
+    assert all(g < 1e-4 for g in gaps.mean), gaps.mean
+    assert float(trainer.callback_metrics["train/tis_weight_mean"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_skipped_weight_sync_trips_the_guard(tiny_engine):
+    """The policy is not what the engine serves (no sync): the first step's gap is far above 0.02."""
+    module = PerturbedPolicy(model="tiny-llama", precision="float32", parity_check="error", seed=0)
+    with pytest.raises(EngineParityError, match="not serving the policy's weights") as err:
+        _fit(tiny_engine, module, [NoSync()])
+    assert module.global_step == 0  # stopped before the first update
+    assert module.last_engine_gap["mean"] > 5 * module.parity_threshold()
+    assert "threshold 0.02" in str(err.value)
+
+
+def test_a_skipped_weight_sync_only_warns_by_default(tiny_engine):
+    module = PerturbedPolicy(model="tiny-llama", precision="float32", seed=0)
+    gaps = Gaps()
+    with pytest.warns(UserWarning, match="engine's log-probs of its own samples differ"):
+        _fit(tiny_engine, module, [NoSync(), gaps], steps=1)
+    assert gaps.mean[0] > 0.1
+
+
+def test_a_wrong_trainer_temperature_shows_a_larger_gap(tiny_engine):
+    module = ParityRewardModule(model="tiny-llama", precision="float32")
+    module.configure_model()
+    buffer = RolloutBuffer(
+        engine=tiny_engine,
+        sampling=SamplingConfig(temperature=TEMPERATURE, max_new_tokens=12),
+        group_size=4,
+        micro_batch_size=8,
+        filter_threshold=None,
+    )
+    problems = [Problem(question="What is 2 + 3?", answer="5", source_id="p:0")] * 2
+    rollout = buffer.collect(problems, [p.question for p in problems], lambda c, p: [0.0] * len(c))
+    assert rollout.temperature == TEMPERATURE
+
+    def gap(temperature: float) -> float:
+        total = tokens = 0.0
+        for mb in rollout.micro_batches:
+            assert mb.engine_logprobs.shape == mb.completion_mask.shape
+            mb.temperature = temperature
+            trainer_lp = module._logprobs_of(module.policy, mb)
+            s, _, n = losses.logprob_gap(trainer_lp, mb.engine_logprobs, mb.completion_mask)
+            total, tokens = total + float(s), tokens + float(n)
+        return total / tokens
+
+    right, wrong = gap(TEMPERATURE), gap(1.0)
+    assert right < 1e-4
+    assert wrong > 100 * right and wrong > 0.01, (right, wrong)
