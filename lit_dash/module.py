@@ -103,7 +103,8 @@ class DashModule(L.LightningModule):
             counted as train/nonfinite_steps); this many in a row stop the run.
         model_cache: where converted models are cached (default ~/.cache/lit_dash or $LIT_DASH_CACHE).
         parity_check: every step compares the log-prob the engine gave each sampled token with the
-            policy's (first forward of the step, before the update; logged as train/engine_logprob_gap,
+            policy's (first forward of the step, before the update; a step that keeps nothing runs one
+            forward on a micro-batch of the dropped completions; logged as train/engine_logprob_gap,
             mean, and train/engine_logprob_gap_max); above parity_threshold, ``warn``, ``error`` (stop the
             run) or ``off`` (log only).
         parity_threshold: mean absolute log-prob gap per token (nats) that counts as a mismatch; null:
@@ -538,6 +539,7 @@ class DashModule(L.LightningModule):
         first_step = self.global_step
         self.update_stats = []
         if sum(most) == 0:
+            stats.update(self._check_parity(*self._probe_gap(rollout), rollout))
             # Nothing informative survived filtering on any rank: counted no-op steps, as many as a rollout
             # takes. All grads are None, so AdamW leaves every weight untouched; stepping keeps Lightning's
             # step count (and the budget in rollouts) honest and advances the LR schedule.
@@ -546,9 +548,10 @@ class DashModule(L.LightningModule):
                 self.optimizers().zero_grad(set_to_none=True)
                 self._optimizer_step()
             stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
-            self._log_step(
-                stats, {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}, float("nan")
-            )
+            totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+            if self.hparams.tis_cap is not None:
+                totals["tis_weight_mean"] = 0.0
+            self._log_step(stats, totals, float("nan"))
             return
 
         start = time.perf_counter()
@@ -595,6 +598,20 @@ class DashModule(L.LightningModule):
             self.update_stats.append({**totals, "grad_norm": grad_norm})
         stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
         self._log_step(stats, totals, grad_norm)
+
+    def _probe_gap(self, rollout: Rollout) -> tuple[float, float, float]:
+        """The parity gap of a step that kept nothing, on the rollout's probe micro-batch of dropped
+        completions: one forward without backward, so the guard also watches steps that train on nothing
+        (a stale engine's samples may be exactly the ones filtering drops)."""
+        probe = rollout.parity_probe
+        if probe is None or probe.engine_logprobs is None:
+            return 0.0, 0.0, 0.0
+        start = time.perf_counter()
+        logprobs = self._logprobs_of(self.policy, probe)
+        mask = probe.completion_mask.to(self.device)
+        gap = self._gap_sums([losses.logprob_gap(logprobs, probe.engine_logprobs.to(self.device), mask)])
+        self._add_time("ref_old_logprobs", time.perf_counter() - start)
+        return gap
 
     @staticmethod
     def _gap_sums(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, float, float]:

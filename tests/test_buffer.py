@@ -88,6 +88,12 @@ def test_nothing_survives_when_every_group_is_constant(tiny_engine):
     assert rollout.num_kept == 0 and rollout.micro_batches == []
     stats = rollout.stats()
     assert stats["kept_fraction"] == 0.0 and stats["zero_variance_group_fraction"] == 1.0
+    # the parity probe: one micro-batch (3 completions) of what was dropped, with the engine's log-probs
+    probe = rollout.parity_probe
+    assert probe is not None and probe.num_completions == 3 and probe.engine_logprobs is not None
+    assert probe.engine_logprobs[probe.completion_mask == 0].abs().sum() == 0
+    kept = _buffer(tiny_engine, filter_threshold=None).collect(PROBLEMS, PROMPTS, parity_reward)
+    assert kept.parity_probe is None  # a step that trains measures the gap on its own forward
 
 
 def test_per_micro_batch_mode_makes_one_engine_call_per_micro_batch(tiny_engine):

@@ -59,13 +59,20 @@ class PerturbedPolicy(ParityRewardModule):
                     p.add_(torch.randn_like(p) * 0.01)
 
 
-def _fit(engine, module, callbacks, steps: int = 2) -> L.Trainer:
+class NothingKept(PerturbedPolicy):
+    """Every reward 0: with filtering on, every step keeps nothing (a no-op step)."""
+
+    def reward(self, completions, problems):
+        return [0.0] * len(completions)
+
+
+def _fit(engine, module, callbacks, steps: int = 2, filter_threshold: float | None = None) -> L.Trainer:
     data = RolloutDataModule(
         train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=16),
         prompts_per_rollout=4,
         group_size=4,
         micro_batch_size=8,
-        filter_threshold=None,
+        filter_threshold=filter_threshold,
         sampling=SamplingConfig(temperature=TEMPERATURE, max_new_tokens=12),
         max_prompt_tokens=64,
         engine=EngineConfig(kind="vllm", dtype=str(engine.dtype).removeprefix("torch.")),
@@ -134,6 +141,15 @@ def test_a_skipped_weight_sync_trips_the_guard(tiny_engine):
     assert module.global_step == 0  # stopped before the first update
     assert module.last_engine_gap["mean"] > 5 * module.parity_threshold()
     assert "threshold 0.02" in str(err.value)
+
+
+def test_a_step_that_keeps_nothing_still_checks_the_engine(tiny_engine):
+    """Filtering drops every completion: no training forward, yet the gap is measured on a probe
+    micro-batch of the dropped completions, so a stale engine is caught there too."""
+    module = NothingKept(model="tiny-llama", precision="float32", parity_check="error", seed=0)
+    with pytest.raises(EngineParityError, match="not serving the policy's weights"):
+        _fit(tiny_engine, module, [NoSync()], filter_threshold=0.1)
+    assert module.skipped_steps == 1 and module.last_engine_gap["tokens"] > 0
 
 
 def test_a_skipped_weight_sync_only_warns_by_default(tiny_engine):

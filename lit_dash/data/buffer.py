@@ -86,6 +86,8 @@ class Rollout:
     temperature: float = 1.0  # the sampling temperature (its micro-batches carry it too)
     top_k: int = -1  # the sampling's truncation: the engine's log-probs are renormalised over what it kept
     top_p: float = 1.0
+    # when filtering kept nothing: one micro-batch of dropped completions, for the engine parity check only
+    parity_probe: MicroBatch | None = None
 
     def __post_init__(self) -> None:
         if self.slice_sizes is None:
@@ -220,6 +222,10 @@ class RolloutBuffer:
             kept = losses.keep_mask(rewards, self.group_size, self.filter_threshold)
         rows = [i for i in range(len(completions)) if kept[i]]
         micro_batches, slice_sizes = self._sliced_micro_batches(rows, prompt_ids, completions, advantages)
+        probe = None
+        if not rows and completions:  # nothing to train on; the trainer still checks the engine on these
+            probe_rows = list(range(min(self.micro_batch_size, len(completions))))
+            probe = self._micro_batches(probe_rows, prompt_ids, completions, advantages)[0]
         timings["filtering"] = time.perf_counter() - t2
         return Rollout(
             problems=problems,
@@ -237,6 +243,7 @@ class RolloutBuffer:
             temperature=self.sampling.temperature,
             top_k=self.sampling.top_k,
             top_p=self.sampling.top_p,
+            parity_probe=probe,
         )
 
     def _sliced_micro_batches(
