@@ -539,12 +539,13 @@ class DashModule(L.LightningModule):
         first_step = self.global_step
         self.update_stats = []
         if sum(most) == 0:
-            stats.update(self._check_parity(*self._probe_gap(rollout), rollout))
             # Nothing informative survived filtering on any rank: counted no-op steps, as many as a rollout
             # takes. All grads are None, so AdamW leaves every weight untouched; stepping keeps Lightning's
             # step count (and the budget in rollouts) honest and advances the LR schedule.
-            for _ in range(self.steps_per_rollout):
+            for n in range(self.steps_per_rollout):
                 self.skipped_steps += 1
+                if n == 0:  # the guard watches steps that train on nothing too, before any update
+                    stats.update(self._check_parity(*self._probe_gap(rollout), rollout))
                 self.optimizers().zero_grad(set_to_none=True)
                 self._optimizer_step()
             stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
