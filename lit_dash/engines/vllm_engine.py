@@ -81,7 +81,8 @@ class VLLMEngine(Engine):
             after temperature and top-k / top-p (the distribution each token was drawn from), which the
             trainer's parity check and truncated importance sampling compare with. vLLM's own default,
             ``raw_logprobs``, ignores the temperature. Prompt log-probs (``sequence_logprobs``) are raw
-            in every mode.
+            in every mode. On CUDA the processed modes make vLLM sample with its PyTorch sampler rather
+            than FlashInfer's (which cannot return them).
     """
 
     def __init__(
