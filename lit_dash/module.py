@@ -443,12 +443,10 @@ class DashModule(L.LightningModule):
         sampled = tuple(values[len(counts) :]) if sampled else None
         weight = self.normalizer_weight(counts, sampled)
         world = self.trainer.world_size
-        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        totals = self._zero_totals()
         # the completions the loss is divided over (x max_new_tokens in constant mode)
         over_rollout = sampled is not None and self.hparams.normalize_over == "rollout"
         totals["loss_denominator_completions"] = sampled[0] if over_rollout else counts["global_seqs"]
-        if self.hparams.tis_cap is not None:
-            totals["tis_weight_mean"] = 0.0
         for n, i in enumerate(chunk):
             with self._grad_sync(last=n == len(chunk) - 1):
                 if i < len(micro_batches):
@@ -463,6 +461,13 @@ class DashModule(L.LightningModule):
                 else:
                     loss = self._zero_loss()
                 self.manual_backward(loss * world if world > 1 else loss)
+        return totals
+
+    def _zero_totals(self) -> dict[str, float]:
+        """A step's logged sums before any micro-batch adds to them (the same keys whether it trains or not)."""
+        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        if self.hparams.tis_cap is not None:
+            totals["tis_weight_mean"] = 0.0
         return totals
 
     def _reduce_over_ranks(self, values: list[float], op: str) -> list[float]:
@@ -549,10 +554,7 @@ class DashModule(L.LightningModule):
                 self.optimizers().zero_grad(set_to_none=True)
                 self._optimizer_step()
             stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
-            totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
-            if self.hparams.tis_cap is not None:
-                totals["tis_weight_mean"] = 0.0
-            self._log_step(stats, totals, float("nan"))
+            self._log_step(stats, self._zero_totals(), float("nan"))
             return
 
         start = time.perf_counter()
@@ -577,7 +579,7 @@ class DashModule(L.LightningModule):
         plan = self._update_plan(slice_sizes, most)
         share = 1.0 / len(plan) if self.update_mode == "mini" else 1.0  # of the sampled completions
         sampled = (rollout.sampled_completions * share, rollout.sampled_tokens * share)
-        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+        totals = self._zero_totals()
         grad_norm = float("nan")
         checked = False  # the parity guard runs on the first step that trains, before its update
         for chunk in plan:
