@@ -171,3 +171,73 @@ def test_slices_cut_the_kept_rows_into_equal_length_sorted_parts(tiny_engine):
         PROBLEMS, PROMPTS, lambda c, p: [0.0, 0.0, 0.0, 1.0] + [0.0] * (len(c) - 4)
     )
     assert few.slice_sizes == [0, 1, 1, 0, 1, 1]  # 4 kept rows over 6 slices: two are empty
+
+
+# ---- DAPO dynamic sampling --------------------------------------------------------------------------
+
+
+def _first_of_group_reward(group_size):
+    """Problems whose id ends in an odd number get [1, 0, ..., 0] per group (informative); the others
+    score 0 everywhere (a constant group the filter drops whole)."""
+
+    def reward(completions, problems):
+        return [
+            float(int(p.source_id.split(":")[1]) % 2 == 1 and k % group_size == 0)
+            for k, p in enumerate(problems)
+        ]
+
+    return reward
+
+
+class _RefillSource:
+    def __init__(self):
+        self.problems = [
+            Problem(question=f"What is {i} + 2?", answer=str(i + 2), source_id=f"r:{i}") for i in range(40)
+        ]
+        self.taken = 0
+
+    def __call__(self, n):
+        batch = self.problems[self.taken : self.taken + n]
+        self.taken += n
+        return batch, [p.question for p in batch]
+
+
+def test_dynamic_sampling_refills_the_rollout_with_informative_groups(tiny_engine):
+    refill = _RefillSource()
+    rollout = _buffer(tiny_engine, filter_threshold=0.1, dynamic_sampling_calls=3).collect(
+        PROBLEMS, PROMPTS, _first_of_group_reward(4), refill=refill
+    )
+    # first call: t:1 and t:3 informative, 2 missing at a rate of 1/2 per prompt -> one extra call on
+    # 4 prompts, of which r:1 and r:3 are informative: the target of 4 groups is reached, no second call
+    assert rollout.refill_engine_calls == 1 and rollout.engine_calls == 2
+    assert rollout.refill_prompts == 4 and refill.taken == 4
+    assert [p.source_id for p in rollout.problems] == ["t:1", "t:3", "r:1", "r:3"]
+    assert len(rollout.completions) == 16 and len(rollout.prompt_token_ids) == 4
+    assert [c.prompt_index for c in rollout.completions] == [i for i in range(4) for _ in range(4)]
+    assert rollout.rewards.tolist() == [1.0, 0.0, 0.0, 0.0] * 4
+    assert rollout.num_kept == 16  # every group informative: the filter keeps all (|A| = 1.5 or 0.5)
+    # each kept completion's prompt ids are its own problem's (the refilled groups were re-indexed)
+    for c in rollout.completions:
+        text = tiny_engine.tokenizer.decode(rollout.prompt_token_ids[c.prompt_index])
+        assert rollout.problems[c.prompt_index].question in text
+    stats = rollout.stats()
+    assert stats["refill_engine_calls"] == 1.0 and stats["refill_prompts"] == 4.0
+    assert stats["first_call_reward_mean"] == 2 / 16 and stats["reward_mean"] == 4 / 16
+    # negative control: the same rollout without dynamic sampling trains on 2 informative groups of 4
+    plain = _buffer(tiny_engine, filter_threshold=0.1).collect(
+        PROBLEMS, PROMPTS, _first_of_group_reward(4), refill=_RefillSource()
+    )
+    assert plain.num_kept == 8 and plain.refill_engine_calls == 0 and plain.engine_calls == 1
+
+
+def test_dynamic_sampling_stops_at_its_cap_and_keeps_the_rollout_size(tiny_engine):
+    refill = _RefillSource()
+    rollout = _buffer(tiny_engine, filter_threshold=0.1, dynamic_sampling_calls=2).collect(
+        PROBLEMS, PROMPTS, lambda c, p: [0.0] * len(c), refill=refill
+    )
+    # nothing is ever informative: two extra calls of P = 4 prompts each, then the cap stops it and the
+    # first call's groups stand, so the rollout still holds P x G completions (the denominators' count)
+    assert rollout.refill_engine_calls == 2 and rollout.engine_calls == 3 and refill.taken == 8
+    assert [p.source_id for p in rollout.problems] == ["t:0", "t:1", "t:2", "t:3"]
+    assert len(rollout.completions) == 16 and rollout.num_kept == 0 and rollout.micro_batches == []
+    assert rollout.parity_probe is not None

@@ -288,3 +288,48 @@ def test_filtering_leaves_the_gradient_as_it_was(tmp_path, engine):
         atol = 1e-5 * float(g.abs().max())
         torch.testing.assert_close(grads["on"][name], g, rtol=1e-5, atol=atol)
         torch.testing.assert_close(grads["kept"][name], g * 1.6, rtol=1e-5, atol=atol)  # 16 / 10
+
+
+# ---- DAPO dynamic sampling ------------------------------------------------------------------------------
+
+
+class OddAnswersOnly(DashModule):
+    """Problems with an even answer score 0 everywhere (a group that teaches nothing); odd ones get the
+    text-parity reward (mixed groups, mostly)."""
+
+    def reward(self, completions, problems):
+        pairs = zip(completions, problems, strict=True)
+        return [float(int(p.answer) % 2 == 1 and len(c) % 2 == 0) for c, p in pairs]
+
+
+class RefillLog(L.Callback):
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, int]] = []  # (informative groups, refill calls, refill prompts)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        r = pl_module.last_rollout
+        informative = int(r.kept.view(-1, r.group_size).any(dim=1).sum())
+        self.rows.append((informative, r.refill_engine_calls, r.refill_prompts))
+
+
+def test_dynamic_sampling_fills_each_rollout_or_stops_at_its_cap(tmp_path, engine):
+    module = OddAnswersOnly(model="tiny-llama", precision="float32", seed=0)
+    log = RefillLog()
+    trainer = _fit(
+        tmp_path, engine, module, max_steps=3, callbacks=[log], filter_threshold=0.1, dynamic_sampling_calls=2
+    )
+    print(f"[dynamic sampling] per rollout (informative groups of 4, extra calls, extra prompts): {log.rows}")
+    assert len(log.rows) == 3
+    for informative, calls, _ in log.rows:
+        assert informative == 4 or calls == 2, "the target (P informative groups) or the cap"
+        assert 0 <= calls <= 2
+    assert sum(calls for _, calls, _ in log.rows) > 0, "even answers make about half the groups constant"
+    data = trainer.datamodule
+    assert data.refill_prompts_consumed == sum(p for *_, p in log.rows)
+    assert data.state_dict()["refill_prompts_consumed"] == data.refill_prompts_consumed
+    assert trainer.callback_metrics["train/refill_engine_calls"] == float(log.rows[-1][1])
+    assert len(module.last_rollout.completions) == 16, "the rollout keeps its P x G size"
+    # resuming restores the refill stream's position: the next refill draws what the run would have drawn
+    fresh = RolloutDataModule(dynamic_sampling_calls=2)
+    fresh.load_state_dict(data.state_dict())
+    assert fresh.refill_prompts_consumed == data.refill_prompts_consumed

@@ -8,10 +8,17 @@ Completions whose |advantage| is at or below ``filter_threshold`` group standard
 here, before any further forward pass, and never reach a micro-batch. In ``update: mini`` the kept
 completions are cut into as many slices as the rollout takes optimizer steps (``slices``), each slice into
 micro-batches.
+
+With ``dynamic_sampling_calls > 0`` (DAPO's dynamic sampling) groups that teach nothing (every
+completion dropped by the filter) are replaced before training: up to that many extra engine calls sample
+fresh prompts until the rollout holds P informative groups. The rollout keeps its size, P groups of G, so
+the loss's denominators do not move; when the cap stops the refill, the first call's uninformative groups
+fill the remaining places, as plain DASH would have trained on them.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +42,8 @@ __all__ = [
 
 ROLLOUT_MODES = ("preemptive", "per_micro_batch")
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
+# DAPO refill: given a number of prompts, the next problems of the refill stream and their prompt texts
+RefillFn = Callable[[int], tuple[list[Problem], list[str]]]
 
 
 @dataclass
@@ -88,6 +97,10 @@ class Rollout:
     top_p: float = 1.0
     # when filtering kept nothing: one micro-batch of dropped completions, for the engine parity check only
     parity_probe: MicroBatch | None = None
+    # dynamic sampling (DAPO): extra engine calls, prompts they sampled, and the first call's mean reward
+    refill_engine_calls: int = 0
+    refill_prompts: int = 0
+    first_call_reward_mean: float | None = None
 
     def __post_init__(self) -> None:
         if self.slice_sizes is None:
@@ -132,6 +145,13 @@ class Rollout:
             "padding_fraction": 1.0 - real / padded if padded else 0.0,
             "micro_batches": float(len(self.micro_batches)),
             "engine_calls": float(self.engine_calls),
+            "refill_engine_calls": float(self.refill_engine_calls),
+            "refill_prompts": float(self.refill_prompts),
+            # the policy's reward on prompts it did not choose: the first engine call's groups, before
+            # dynamic sampling swapped any out (reward_mean is over the groups trained on)
+            "first_call_reward_mean": float(
+                self.rewards.mean() if self.first_call_reward_mean is None else self.first_call_reward_mean
+            ),
         }
 
 
@@ -152,6 +172,8 @@ class RolloutBuffer:
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
         slices: cut the kept completions into this many slices of (nearly) equal size, one per optimizer
             step (``update: mini``); each slice is cut into micro-batches. 1 for one step per pass.
+        dynamic_sampling_calls: DAPO's dynamic sampling: at most this many extra engine calls per rollout,
+            each on at most P fresh prompts, to replace groups that keep nothing; 0 turns it off.
     """
 
     engine: Engine
@@ -164,12 +186,15 @@ class RolloutBuffer:
     scale_rewards: bool = True
     pad_token_id: int = 0
     slices: int = 1
+    dynamic_sampling_calls: int = 0
 
     def __post_init__(self) -> None:
         if self.rollout_mode not in ROLLOUT_MODES:
             raise ValueError(f"rollout_mode must be one of {ROLLOUT_MODES}, got {self.rollout_mode!r}")
         if self.slices < 1:
             raise ValueError(f"slices must be >= 1, got {self.slices}")
+        if self.dynamic_sampling_calls < 0:
+            raise ValueError(f"dynamic_sampling_calls must be >= 0, got {self.dynamic_sampling_calls}")
 
     def _generate(self, prompts: list[str]) -> tuple[list[list[int]], list[Completion], int]:
         if self.rollout_mode == "preemptive":
@@ -191,12 +216,105 @@ class RolloutBuffer:
             calls += 1
         return prompt_ids, completions, calls
 
-    def collect(self, problems: list[Problem], prompts: list[str], reward_fn: RewardFn) -> Rollout:
-        """Sample G completions for each prompt, score them, and keep the informative ones."""
+    def collect(
+        self,
+        problems: list[Problem],
+        prompts: list[str],
+        reward_fn: RewardFn,
+        refill: RefillFn | None = None,
+    ) -> Rollout:
+        """Sample G completions for each prompt, score them, and keep the informative ones; with
+        ``dynamic_sampling_calls`` and a ``refill`` source, first replace groups that keep nothing."""
         t0 = time.perf_counter()
         prompt_ids, completions, calls = self._generate(prompts)
         timings = {"generation": time.perf_counter() - t0}
-        return self.assemble(problems, prompt_ids, completions, reward_fn, timings, calls)
+        if refill is None or self.dynamic_sampling_calls == 0:
+            return self.assemble(problems, prompt_ids, completions, reward_fn, timings, calls)
+        return self._refilled(problems, prompt_ids, completions, reward_fn, timings, calls, refill)
+
+    def _informative_groups(self, rewards: torch.Tensor) -> torch.Tensor:
+        """[groups] bool: the group has at least one completion the filter keeps (a non-constant group
+        when filtering is off)."""
+        if self.filter_threshold is None:
+            return ~losses.zero_variance_groups(rewards, self.group_size)
+        kept = losses.keep_mask(rewards, self.group_size, self.filter_threshold)
+        return kept.view(-1, self.group_size).any(dim=1)
+
+    def _score(self, reward_fn: RewardFn, problems: list[Problem], completions: list[Completion]) -> torch.Tensor:
+        return score_completions(
+            reward_fn, [c.text for c in completions], [problems[c.prompt_index] for c in completions]
+        )
+
+    def _refilled(
+        self,
+        problems: list[Problem],
+        prompt_ids: list[list[int]],
+        completions: list[Completion],
+        reward_fn: RewardFn,
+        timings: dict[str, float],
+        calls: int,
+        refill: RefillFn,
+    ) -> Rollout:
+        """DAPO dynamic sampling: top the rollout up to P informative groups with extra engine calls."""
+        g, p = self.group_size, len(problems)
+        t = time.perf_counter()
+        rewards = self._score(reward_fn, problems, completions)
+        timings["reward"] = time.perf_counter() - t
+        first_call_reward = float(rewards.mean())
+        # every group sampled so far, in sampling order: (problem, prompt ids, its G completions, rewards)
+        pool = [
+            (problems[i], prompt_ids[i], completions[i * g : (i + 1) * g], rewards[i * g : (i + 1) * g])
+            for i in range(p)
+        ]
+        informative = self._informative_groups(rewards).tolist()
+        extra_calls = extra_prompts = 0
+        while sum(informative) < p and extra_calls < self.dynamic_sampling_calls:
+            rate = max(sum(informative) / len(informative), 1.0 / p)  # informative groups per prompt so far
+            wanted = min(p, math.ceil((p - sum(informative)) / rate))  # no call larger than the first
+            new_problems, new_prompts = refill(wanted)
+            t = time.perf_counter()
+            new_ids, new_completions, new_calls = self._generate(new_prompts)
+            timings["generation"] += time.perf_counter() - t
+            t = time.perf_counter()
+            new_rewards = self._score(reward_fn, new_problems, new_completions)
+            timings["reward"] += time.perf_counter() - t
+            pool += [
+                (
+                    new_problems[i],
+                    new_ids[i],
+                    new_completions[i * g : (i + 1) * g],
+                    new_rewards[i * g : (i + 1) * g],
+                )
+                for i in range(len(new_problems))
+            ]
+            informative += self._informative_groups(new_rewards).tolist()
+            extra_calls += new_calls
+            extra_prompts += len(new_problems)
+        chosen = [i for i, ok in enumerate(informative) if ok][:p]
+        chosen += [i for i in range(p) if not informative[i]][: p - len(chosen)]  # the cap stopped it
+        chosen.sort()
+        out_problems, out_ids, out_completions, out_rewards = [], [], [], []
+        for k, i in enumerate(chosen):
+            problem, ids, group, group_rewards = pool[i]
+            out_problems.append(problem)
+            out_ids.append(ids)
+            for c in group:
+                c.prompt_index = k
+            out_completions += group
+            out_rewards.append(group_rewards)
+        rollout = self.assemble(
+            out_problems,
+            out_ids,
+            out_completions,
+            reward_fn,
+            timings,
+            calls + extra_calls,
+            rewards=torch.cat(out_rewards),
+        )
+        rollout.refill_engine_calls = extra_calls
+        rollout.refill_prompts = extra_prompts
+        rollout.first_call_reward_mean = first_call_reward
+        return rollout
 
     def assemble(
         self,
@@ -206,14 +324,16 @@ class RolloutBuffer:
         reward_fn: RewardFn,
         timings: dict[str, float] | None = None,
         engine_calls: int = 1,
+        rewards: torch.Tensor | None = None,
     ) -> Rollout:
-        """Score sampled completions, normalise, filter and cut the kept ones into micro-batches."""
+        """Score sampled completions (unless their ``rewards`` are given), normalise, filter and cut the
+        kept ones into micro-batches."""
         timings = dict(timings or {})
-        t1 = time.perf_counter()
-        per_completion_problems = [problems[c.prompt_index] for c in completions]
-        rewards = score_completions(reward_fn, [c.text for c in completions], per_completion_problems)
+        if rewards is None:
+            t1 = time.perf_counter()
+            rewards = self._score(reward_fn, problems, completions)
+            timings["reward"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        timings["reward"] = t2 - t1
 
         advantages = losses.group_advantages(rewards, self.group_size, scale_by_std=self.scale_rewards)
         if self.filter_threshold is None:

@@ -130,11 +130,15 @@ _SCALAR_KNOBS = (
     "micro_batch_size",
     "max_tokens_per_micro_batch",
     "filter_threshold",
+    "dynamic_sampling_calls",
     "rollout_mode",
     "max_prompt_tokens",
     "eval_max_new_tokens",
     "eval_batch_size",
 )
+
+
+_REFILL_SEED_OFFSET = 7_919  # the refill stream's shuffle seed, relative to the run's
 
 
 def _problems_collate(batch):
@@ -162,6 +166,9 @@ class RolloutDataModule(L.LightningDataModule):
             in units of the group's std: |r - mean| <= threshold x (std + 1e-4), which is the paper's
             |A| <= threshold with std-scaled advantages and keeps the same completions when
             model.scale_rewards is false; null keeps all (standard GRPO).
+        dynamic_sampling_calls: DAPO's dynamic sampling: up to this many extra engine calls per rollout
+            (each on at most prompts_per_rollout fresh prompts, from a refill stream of its own) replace
+            groups that keep nothing, so the step trains on P informative groups; 0 (default) is off.
         rollout_mode: preemptive (DASH: one engine call per step) or per_micro_batch (standard GRPO).
         sampling: temperature, top_p, top_k, max_new_tokens (tokens per completion).
         max_prompt_tokens: prompts longer than this (in tokens) are skipped with a warning.
@@ -182,6 +189,7 @@ class RolloutDataModule(L.LightningDataModule):
         micro_batch_size: int = 8,
         max_tokens_per_micro_batch: int | None = None,
         filter_threshold: float | None = 0.1,
+        dynamic_sampling_calls: int = 0,
         rollout_mode: str = "preemptive",
         sampling: SamplingConfig | None = None,
         max_prompt_tokens: int = 256,
@@ -201,6 +209,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.filter_threshold = filter_threshold
+        self.dynamic_sampling_calls = dynamic_sampling_calls
         self.rollout_mode = rollout_mode
         self.sampling = sampling or SamplingConfig(temperature=1.0, max_new_tokens=128)
         self.max_prompt_tokens = max_prompt_tokens
@@ -216,6 +225,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.stream: PromptStream | None = None
         self.skipped_long_prompts = 0
         self.consumed_batches = 0  # prompt batches training steps have taken: the resumable position
+        self.refill_stream: PromptStream | None = None
+        self.refill_prompts_consumed = 0  # dynamic sampling's own stream position (prompts), resumable too
 
     def _save_knobs_as_hparams(self) -> None:
         """The data knobs as plain nested dicts, so the logger's hyper-parameters (TensorBoard's HPARAMS tab,
@@ -272,6 +283,11 @@ class RolloutDataModule(L.LightningDataModule):
         if self.filter_threshold is not None and self.filter_threshold < 0:
             problems.append(
                 f"filter_threshold must be >= 0 or null (no filtering), got {self.filter_threshold}"
+            )
+        if self.dynamic_sampling_calls < 0:
+            problems.append(
+                f"dynamic_sampling_calls must be >= 0 extra engine calls per rollout (0 = off), got "
+                f"{self.dynamic_sampling_calls}"
             )
         if self.max_prompt_tokens < 1 or self.eval_max_new_tokens < 1:
             problems.append(
@@ -365,6 +381,7 @@ class RolloutDataModule(L.LightningDataModule):
                 else True,
                 pad_token_id=self.engine.tokenizer.pad_token_id or 0,
                 slices=getattr(self.trainer.lightning_module, "rollout_slices", 1) if self.trainer else 1,
+                dynamic_sampling_calls=self.dynamic_sampling_calls,
             )
 
     def _calibrate_prompts_per_rollout(self) -> int:
@@ -446,6 +463,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.stream = PromptStream(
             shard, self.prompts_per_rollout, self._run_seed(), start_batch=self.consumed_batches
         )
+        # dynamic sampling draws single prompts from a second stream over the same share, shuffled with
+        # another seed, so the main stream's batches (and their resume) are the same with or without it
+        self.refill_stream = PromptStream(shard, 1, self._run_seed() + _REFILL_SEED_OFFSET)
         return DataLoader(self.stream, batch_size=None, collate_fn=_problems_collate, num_workers=0)
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -464,7 +484,15 @@ class RolloutDataModule(L.LightningDataModule):
     def rollout(self, problems: list[Problem], reward_fn) -> Rollout:
         """Sample, score, normalise and filter one optimizer step's data (called by the training step)."""
         prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
-        return self.buffer.collect(problems, prompts, reward_fn)
+        refill = self._refill if self.dynamic_sampling_calls else None
+        return self.buffer.collect(problems, prompts, reward_fn, refill=refill)
+
+    def _refill(self, num_prompts: int) -> tuple[list[Problem], list[str]]:
+        """The next ``num_prompts`` problems of the refill stream, and their prompts."""
+        start = self.refill_prompts_consumed
+        problems = [self.refill_stream.batch(k)[0] for k in range(start, start + num_prompts)]
+        self.refill_prompts_consumed += num_prompts
+        return problems, format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Lightning calls this for the batch a training step is about to take, after its one-batch
@@ -475,7 +503,11 @@ class RolloutDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         # consumed, not the stream's read position: the DataLoader has already fetched the next batch
-        return {"consumed_batches": self.consumed_batches, "prompts_per_rollout": self.prompts_per_rollout}
+        return {
+            "consumed_batches": self.consumed_batches,
+            "prompts_per_rollout": self.prompts_per_rollout,
+            "refill_prompts_consumed": self.refill_prompts_consumed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "consumed_batches" not in state:
@@ -484,6 +516,7 @@ class RolloutDataModule(L.LightningDataModule):
                 "the prompt order cannot be resumed from it"
             )
         self.consumed_batches = int(state["consumed_batches"])
+        self.refill_prompts_consumed = int(state.get("refill_prompts_consumed", 0))
         saved = state.get("prompts_per_rollout")
         if saved is not None and saved != self.prompts_per_rollout:
             if self.auto_throughput:  # auto measured again and chose differently: keep the run's size
