@@ -240,7 +240,9 @@ class RolloutBuffer:
         kept = losses.keep_mask(rewards, self.group_size, self.filter_threshold)
         return kept.view(-1, self.group_size).any(dim=1)
 
-    def _score(self, reward_fn: RewardFn, problems: list[Problem], completions: list[Completion]) -> torch.Tensor:
+    def _score(
+        self, reward_fn: RewardFn, problems: list[Problem], completions: list[Completion]
+    ) -> torch.Tensor:
         return score_completions(
             reward_fn, [c.text for c in completions], [problems[c.prompt_index] for c in completions]
         )
