@@ -67,6 +67,10 @@ class EngineConfig:
         max_model_len: prompt + completion tokens; None = max_prompt_tokens + max_new_tokens.
         tensor_parallel_size: shard the engine over this many GPUs.
         dtype: auto (bf16 where the hardware has it, else fp32), bfloat16, float16 or float32.
+        prefix_caching: vllm only: the G completions of a group share one prefill of their prompt
+            (reset after every weight push; completions are token-for-token the same as without it).
+        block_size: vllm only: KV-cache block in tokens (None = vLLM's default: 128 on CPU, where
+            multiples of 32 are allowed); the prefix cache shares whole blocks only.
     """
 
     kind: str = "vllm"
@@ -75,6 +79,8 @@ class EngineConfig:
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     dtype: str = "auto"
+    prefix_caching: bool = False
+    block_size: int | None = None
 
 
 class PromptStream(IterableDataset):
@@ -420,6 +426,8 @@ class RolloutDataModule(L.LightningDataModule):
                 memory_fraction=cfg.memory_fraction,
                 max_model_len=max_len,
                 tensor_parallel_size=cfg.tensor_parallel_size,
+                prefix_caching=cfg.prefix_caching,
+                block_size=cfg.block_size,
             )
         return build_engine(cfg.kind, module.model_path(), seed=seed + self._rank(), **kwargs)
 

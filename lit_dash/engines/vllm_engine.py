@@ -83,6 +83,12 @@ class VLLMEngine(Engine):
             ``raw_logprobs``, ignores the temperature. Prompt log-probs (``sequence_logprobs``) are raw
             in every mode. On CUDA the processed modes make vLLM sample with its PyTorch sampler rather
             than FlashInfer's (which cannot return them).
+        prefix_caching: vLLM's automatic prefix caching, so the G completions of a group (and prompts
+            that share a chat template) reuse one prefill of their common prefix. The cache is reset after
+            every weight push, so no completion is ever sampled from a stale prefill. vLLM caches whole
+            KV blocks only: the CPU backend's default block is 128 tokens, longer than a short prompt.
+        block_size: KV-cache block in tokens; None = vLLM's default (128 on CPU, 16 on CUDA). The CPU
+            backend takes multiples of 32.
     """
 
     def __init__(
@@ -96,6 +102,8 @@ class VLLMEngine(Engine):
         tensor_parallel_size: int = 1,
         enforce_eager: bool = True,
         logprobs_mode: str = "processed_logprobs",
+        prefix_caching: bool = False,
+        block_size: int | None = None,
     ) -> None:
         vllm = _import_vllm()
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,7 +121,8 @@ class VLLMEngine(Engine):
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
-            enable_prefix_caching=False,
+            enable_prefix_caching=prefix_caching,
+            **({} if block_size is None else {"block_size": block_size}),
             logprobs_mode=logprobs_mode,
         )
         torch.set_num_threads(threads)  # vLLM drops torch to one thread "for serving"; training needs all
@@ -123,6 +132,7 @@ class VLLMEngine(Engine):
         hf_config = self._llm.llm_engine.model_config.hf_config
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.max_model_len = max_model_len
+        self.prefix_caching = prefix_caching
 
     def generate(
         self, prompts: list[str], n: int, sampling: SamplingConfig, want_logprobs: bool = False
