@@ -103,8 +103,8 @@ class StepCheckpoint(ModelCheckpoint):
         if newest is None and found.incomplete:
             names = ", ".join(p.name for p in found.incomplete)
             raise ConfigError(
-                f"--ckpt_path last: {self.dirpath} holds no complete checkpoint, only {names} (writes that "
-                "were interrupted). Resume from a checkpoint file with --ckpt_path PATH, or move the folder "
+                f"--ckpt_path last: {self.dirpath} holds no complete checkpoint, only {names} (interrupted "
+                "writes, truncated files or links to missing files). Resume from a checkpoint file with --ckpt_path PATH, or move the folder "
                 "away to start a new run; this does not train from step 0 over an existing run"
             )
         if newest is None:
