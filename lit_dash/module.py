@@ -765,9 +765,15 @@ class DashModule(L.LightningModule):
         }
         return self.collect_eval_results(records, tag="fit")
 
+    REFERENCE_PREFIX = "reference."
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning saves weights, optimizer, scheduler, step and the datamodule's prompt position;
-        # the counters and the RNG states of every rank are ours to add
+        # the counters and the RNG states of every rank are ours to add. The frozen reference is the
+        # base model, loaded again on resume: a copy of it in every checkpoint would add a model's size.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(self.REFERENCE_PREFIX)]:
+            del state[key]
         checkpoint["lit_dash"] = {
             "skipped_steps": self.skipped_steps,
             "nonfinite_steps": self.nonfinite_steps,
@@ -780,6 +786,10 @@ class DashModule(L.LightningModule):
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self._rng_to_restore = state.get("rng")
         self.configure_model()
+        if self.reference is not None and "state_dict" in checkpoint:  # the base model's, just loaded
+            weights = checkpoint["state_dict"]
+            for key, value in self.reference.state_dict().items():
+                weights.setdefault(self.REFERENCE_PREFIX + key, value)
 
     def on_train_start(self) -> None:
         # Restored here, not on load: between the two, Lightning creates the DataLoader iterator, which

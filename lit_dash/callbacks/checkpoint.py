@@ -1,4 +1,5 @@
-"""Lightning's ModelCheckpoint, with a folder a resume can find and two saves it does not make by itself.
+"""Lightning's ModelCheckpoint, with a folder a resume can find, two saves it does not make by itself, and
+files that are complete or absent.
 
 - One folder per run directory: ``<default_root_dir>/checkpoints`` unless ``dirpath`` is given. Lightning's
   default is the logger's ``version_N/checkpoints``, and a resumed run gets a new version, so
@@ -13,26 +14,44 @@
 - On SIGTERM (a scheduler's pre-emption, ``kill``): Lightning finishes the current step and exits; this
   saves ``last.ckpt`` at that step boundary first, so ``--ckpt_path last`` resumes from there. Other
   exceptions save nothing: a crash mid-step leaves the last good checkpoint as it was.
+- Every single-file write is atomic (:class:`~lit_dash.callbacks.atomic_io.AtomicCheckpointIO`, installed
+  in place of Lightning's default CheckpointIO); ``save_last="link"`` (the default here) makes ``last.ckpt``
+  a symlink to the newest checkpoint, replaced atomically, instead of a second full copy.
+- ``--ckpt_path last`` resumes from the newest *complete* checkpoint of the folder, whatever its name (a
+  kill between the step file and ``last`` left no ``last``, and Lightning then trained from step 0). A
+  folder with checkpoint-looking files but no complete one is an error naming them; an absent or empty
+  folder starts a new run, with an info line. Leftover temporary files are deleted at setup.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lit_dash.callbacks.atomic_io import AtomicCheckpointIO, is_temporary, replace_link, scan
 from lit_dash.callbacks.cadence import Cadence, steps_per_rollout
 from lit_dash.errors import ConfigError
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint (same arguments, plus ``every_n_rollouts``) that also saves at the end of training
-    and on SIGTERM."""
+    """ModelCheckpoint (same arguments, plus ``every_n_rollouts``; ``save_last`` defaults to ``"link"``)
+    that also saves at the end of training and on SIGTERM, writes atomically, and resumes from the newest
+    complete checkpoint."""
 
-    def __init__(self, *args, every_n_rollouts: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        every_n_rollouts: int | None = None,
+        save_last: bool | Literal["link"] | None = "link",
+        **kwargs,
+    ) -> None:
+        kwargs["save_last"] = save_last
         steps = kwargs.get("every_n_train_steps")
         self.cadence = None
         if steps or every_n_rollouts is not None:
@@ -66,17 +85,58 @@ class StepCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._default_dirpath(trainer)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero:
+            for leftover in scan(self.dirpath).incomplete:
+                if is_temporary(leftover.name):  # ours; a truncated .ckpt is left for the user to judge
+                    rank_zero_info(f"[lit_dash] removing {leftover}, a checkpoint write that was interrupted")
+                    leftover.unlink()
         super().setup(trainer, pl_module, stage)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        self._default_dirpath(trainer)  # ckpt_path="last" is resolved before setup
-        return super()._find_last_checkpoints(trainer)
+        """What ``ckpt_path="last"`` resumes from (resolved before setup): the newest complete checkpoint in
+        the folder, an error when there are only incomplete ones, nothing (a new run) when there are none."""
+        self._default_dirpath(trainer)
+        found = scan(self.dirpath, self.FILE_EXTENSION)
+        newest = found.newest()
+        if newest is None and found.incomplete:
+            names = ", ".join(p.name for p in found.incomplete)
+            raise ConfigError(
+                f"--ckpt_path last: {self.dirpath} holds no complete checkpoint, only {names} (interrupted "
+                "writes, truncated files or links to missing files). Resume from a checkpoint file with --ckpt_path PATH, or move the folder "
+                "away to start a new run; this does not train from step 0 over an existing run"
+            )
+        if newest is None:
+            rank_zero_info(
+                f"[lit_dash] --ckpt_path last: no checkpoint in {self.dirpath}; starting a new run"
+            )
+            return set()
+        if found.incomplete:
+            rank_zero_warn(
+                f"--ckpt_path last: skipping incomplete {', '.join(p.name for p in found.incomplete)}; "
+                f"resuming from {newest.name}"
+            )
+        rank_zero_info(f"[lit_dash] --ckpt_path last: resuming from {newest}")
+        return {str(newest)}
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        # a link to a file older than this step would resume from stale weights: save a full copy instead
+        if self.save_last == "link" and self._last_global_step_saved != trainer.global_step:
+            self._last_checkpoint_saved = ""
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            replace_link(filepath, linkpath)
+        trainer.strategy.barrier()
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved == trainer.global_step or trainer.global_step == 0:
             return
         candidates = self._monitor_candidates(trainer)
-        if self.monitor is None:
+        if self.monitor is None or self.monitor in candidates:  # e.g. monitor "step": keep the newest k
             self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
