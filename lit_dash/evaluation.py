@@ -117,11 +117,15 @@ class Evaluator:
             )
         ]
 
-    def records(self, engine: Engine, reward_fn: RewardFn = default_reward) -> list[dict]:
-        """Score every problem, ``batch_size`` problems per engine call."""
+    def records(
+        self, engine: Engine, reward_fn: RewardFn = default_reward, problems: list[Problem] | None = None
+    ) -> list[dict]:
+        """Score every problem (or only ``problems``, e.g. this rank's :func:`shard`), ``batch_size``
+        problems per engine call."""
+        problems = self.problems if problems is None else problems
         records: list[dict] = []
-        for start in range(0, len(self.problems), self.batch_size):
-            records += self.score_batch(engine, self.problems[start : start + self.batch_size], reward_fn)
+        for start in range(0, len(problems), self.batch_size):
+            records += self.score_batch(engine, problems[start : start + self.batch_size], reward_fn)
         return records
 
     def run(
@@ -131,6 +135,21 @@ class Evaluator:
         if output is not None:
             write_jsonl(records, output)
         return summarize(self.name, records)
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """Rank ``rank``'s share of ``items`` out of ``world`` ranks: every ``world``-th item from ``rank`` on.
+    The shares cover ``items`` once each, no padding, no duplicates (sizes differ by at most one); the
+    layout of Lightning's ``UnrepeatedDistributedSampler`` (shuffle off), which ``lit-dash validate`` uses."""
+    return list(items[rank::world])
+
+
+def unshard(shares: Sequence[Sequence]) -> list:
+    """Undo :func:`shard`: the ranks' shares (in rank order) back into the original order."""
+    merged = []
+    for i in range(max((len(s) for s in shares), default=0)):
+        merged += [s[i] for s in shares if i < len(s)]
+    return merged
 
 
 def summarize(name: str, records: list[dict]) -> EvalResult:

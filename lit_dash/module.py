@@ -24,10 +24,11 @@ from lit_dash.checkpointing import restore_rng_states, rng_states_by_rank
 from lit_dash.data.buffer import MicroBatch, Rollout
 from lit_dash.data.records import Problem
 from lit_dash.errors import ConfigError, RunStopped
-from lit_dash.evaluation import EvalResult, summarize, write_jsonl
+from lit_dash.evaluation import EvalResult, shard, summarize, unshard, write_jsonl
 from lit_dash.hardware import resolve_dtype
 from lit_dash.models import check_model_name, resolve_model
 from lit_dash.rewards import math_rewards
+from lit_dash.world_metrics import world_values
 
 UPDATE_MODES = ("dash", "multi", "mini")
 NORMALIZE_OVER = ("rollout", "kept")
@@ -706,6 +707,8 @@ class DashModule(L.LightningModule):
         return chunks
 
     def _log_step(self, stats: dict[str, float], totals: dict[str, float], grad_norm: float) -> None:
+        """Log the step's scalars as the world's (every rank's rollout, see :mod:`lit_dash.world_metrics`),
+        not rank 0's: every rank computes the same values, rank 0's logger writes them."""
         metrics = dict(stats)
         metrics.update({f"train/{k}": v for k, v in totals.items()})
         metrics["train/grad_norm"] = grad_norm
@@ -715,9 +718,21 @@ class DashModule(L.LightningModule):
         metrics["train/skipped_long_prompts"] = float(
             getattr(self.trainer.datamodule, "skipped_long_prompts", 0)
         )
+        metrics = world_values(metrics, self._rollout_weights(self.last_rollout), self.device)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self.log("reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=1)
-        self.log("kept", stats["train/kept_fraction"], prog_bar=True, logger=False, batch_size=1)
+        self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=1)
+        self.log("kept", metrics["train/kept_fraction"], prog_bar=True, logger=False, batch_size=1)
+
+    @staticmethod
+    def _rollout_weights(rollout: Rollout) -> dict[str, float]:
+        """What this rank's rollout ratios are fractions or means of (the weights of their world means)."""
+        completions = len(rollout.completions)
+        return {
+            "completions": float(completions),
+            "kept": float(rollout.num_kept),
+            "groups": completions / rollout.group_size,
+            "padded_tokens": float(sum(mb.input_ids.numel() for mb in rollout.micro_batches)),
+        }
 
     # ---- validation (lit-dash validate) ---------------------------------------------------------------
 
@@ -728,14 +743,32 @@ class DashModule(L.LightningModule):
         self._val_records.setdefault(name, []).extend(records)
 
     def on_validation_epoch_end(self) -> None:
-        results = self.collect_eval_results(self._val_records, tag="validate")
+        # each rank scored its own share of every set (the val dataloader's unrepeated sampler); gathered,
+        # every rank holds the whole set once and logs the same values
+        records = {name: self._gather_shares(self._val_records.get(name, [])) for name in self._val_sets()}
+        records = {name: rs for name, rs in records.items() if rs}  # a set no batch of which ran
+        results = self.collect_eval_results(records, tag="validate")
         for result in results:
             for key, value in result.metrics().items():
-                self.log(key, value, add_dataloader_idx=False, batch_size=1)
+                # equal on every rank: max is an exact no-op reduction (and keeps Lightning from warning)
+                self.log(key, value, add_dataloader_idx=False, batch_size=1, sync_dist=True, reduce_fx="max")
         self._val_records = {}
 
+    def _val_sets(self) -> list[str]:
+        return list(self.trainer.datamodule.evaluators)
+
+    def _gather_shares(self, records: list[dict]) -> list[dict]:
+        """Every rank's share of an eval set's records (see :func:`lit_dash.evaluation.shard`), merged
+        back into the set's order; on one process, ``records`` itself."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return records
+        shares: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(shares, records)  # text records: an object gather
+        return unshard(shares)
+
     def collect_eval_results(self, records_by_set: dict[str, list[dict]], tag: str) -> list[EvalResult]:
-        """Summarise evaluation records and write them as JSONL next to the logs."""
+        """Summarise evaluation records (each set whole, every rank's share gathered) and write them as
+        JSONL next to the logs (rank 0)."""
         results = []
         log_dir = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
         for name, records in records_by_set.items():
@@ -760,8 +793,12 @@ class DashModule(L.LightningModule):
             if isinstance(callback, WeightSync) and callback.synced_step != self.global_step:
                 callback.sync(self.trainer, self)
         dm = self.trainer.datamodule
-        records = {
-            name: evaluator.records(dm.engine, self.reward) for name, evaluator in dm.evaluators.items()
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        records = {  # each rank scores its share of every set, no duplicates; gathered, the whole set once
+            name: self._gather_shares(
+                evaluator.records(dm.engine, self.reward, shard(evaluator.problems, rank, world))
+            )
+            for name, evaluator in dm.evaluators.items()
         }
         return self.collect_eval_results(records, tag="fit")
 

@@ -97,3 +97,29 @@ class WeightChecksum(L.Callback):
                 "skipped_steps": pl_module.skipped_steps,
             },
         )
+
+
+class RolloutDump(L.Callback):
+    """Rank r's rollout of step k (``<path>.rank<r>.step<k>.rollout.pt``, the whole :class:`Rollout`), and on
+    rank 0 the gradient each optimizer step applied (after DDP's all-reduce and clipping,
+    ``<path>.step<k>.grads.pt``) and the policy's weights after each step (``<path>.step<k>.weights.pt``):
+    what a one-process replay of the union of the ranks' rollouts must reproduce."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_rank == 0:
+            grads = {
+                n: p.grad.detach().clone()
+                for n, p in pl_module.policy.named_parameters()
+                if p.grad is not None
+            }
+            torch.save(grads, f"{self.path}.step{trainer.global_step + 1}.grads.pt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        torch.save(pl_module.last_rollout, f"{self.path}.rank{trainer.global_rank}.step{step}.rollout.pt")
+        if trainer.global_rank == 0:
+            weights = {n: p.detach().clone() for n, p in pl_module.policy.named_parameters()}
+            torch.save(weights, f"{self.path}.step{step}.weights.pt")

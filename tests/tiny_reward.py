@@ -22,3 +22,28 @@ class RankOneKeepsNothing(ParityRewardModule):
         if self.global_rank == 1:
             return [0.0] * len(completions)
         return super().reward(completions, problems)
+
+
+class FirstRolloutKeepsNothing(ParityRewardModule):
+    """Every rank scores its first rollout 0 (every group constant: with filtering on, no rank keeps
+    anything, a counted no-op step everywhere), then the parity reward; evaluation is always parity."""
+
+    def training_step(self, problems, batch_idx):
+        self._constant_reward = self.global_step == 0
+        try:
+            return super().training_step(problems, batch_idx)
+        finally:
+            self._constant_reward = False
+
+    def reward(self, completions, problems):
+        if getattr(self, "_constant_reward", False):
+            return [0.0] * len(completions)
+        return super().reward(completions, problems)
+
+
+class AnswerParityModule(ParityRewardModule):
+    """Pays every completion of a problem whose reference answer is even: an accuracy strictly between 0
+    and 1 that depends on which problems were scored (and how often), whatever the model says."""
+
+    def reward(self, completions, problems):
+        return [float(int(p.answer) % 2 == 0) for p in problems]

@@ -16,6 +16,10 @@ class MathEvaluation(L.Callback):
     """Runs the datamodule's eval sets greedily (the same :class:`Evaluator` as ``lit-dash validate``) and
     logs ``eval/<set>/accuracy``, ``eval/<set>/length`` etc. Keeps every result in ``history``.
 
+    Under DDP each rank scores its share of every set (every world-th problem, no duplicates) and the
+    shares are gathered, so every rank holds the whole set's result and rank 0 logs it and writes the JSONL
+    once, as ``lit-dash validate`` does.
+
     Args:
         every_n_steps: evaluate after the rollout whose optimizer steps reach or cross a multiple of this
             (default 10 when every_n_rollouts is not set either).

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_dash.data.buffer import ROLLOUT_MODES, Rollout, RolloutBuffer
@@ -482,12 +483,30 @@ class RolloutDataModule(L.LightningDataModule):
             if fitting:  # no held-out sets: fit skips validation instead of failing its sanity check
                 return []
             raise DataError("validation needs at least one entry in data.eval_sets")
-        return [
-            DataLoader(
-                ev.problems, batch_size=self.eval_batch_size, collate_fn=_problems_collate, shuffle=False
+        return [self._eval_dataloader(name, ev.problems) for name, ev in self.evaluators.items()]
+
+    def _eval_dataloader(self, name: str, problems: list[Problem]) -> DataLoader:
+        """One eval set's loader. Under DDP each rank gets its share of the problems without the padding
+        with duplicates of Lightning's default DistributedSampler (``lit_dash.evaluation.shard``'s layout);
+        the module gathers the shares and logs the whole set once."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None
+        if world > 1:
+            if len(problems) < world:
+                raise DataError(
+                    f"eval set {name!r} has {len(problems)} problems, fewer than the {world} ranks: every "
+                    "rank needs one; add problems or validate on fewer devices"
+                )
+            sampler = UnrepeatedDistributedSampler(
+                problems, num_replicas=world, rank=self._rank(), shuffle=False
             )
-            for ev in self.evaluators.values()
-        ]
+        return DataLoader(
+            problems,
+            batch_size=self.eval_batch_size,
+            collate_fn=_problems_collate,
+            shuffle=False,
+            sampler=sampler,
+        )
 
     def rollout(self, problems: list[Problem], reward_fn) -> Rollout:
         """Sample, score, normalise and filter one optimizer step's data (called by the training step)."""
