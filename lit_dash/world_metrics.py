@@ -42,6 +42,9 @@ TRAIN_REDUCTIONS: dict[str, str] = {
     "train/padding_fraction": "padded_tokens",
     "train/micro_batches": "sum",
     "train/engine_calls": "sum",
+    "train/refill_engine_calls": "sum",
+    "train/refill_prompts": "sum",
+    "train/first_call_reward_mean": "completions",  # the first call sampled P x G, as many as trained
     # the update: this rank's sums over world-wide denominators (module.micro_batch_loss)
     "train/loss": "sum",
     "train/kl": "sum",
