@@ -197,6 +197,7 @@ class DashModule(L.LightningModule):
         self.update_stats: list[dict[str, float]] = []  # per optimizer step of the last rollout
         self.phase_seconds: dict[str, float] = {}
         self._val_records: dict[str, list[dict]] = {}
+        self._predictions: list[dict] = []
         self._resolved: str | None = None
         self.last_engine_gap: dict[str, float] | None = None  # the last step's parity figures
         self._parity_warned_at = 0.0  # the largest gap warned about so far (warn mode)
@@ -719,7 +720,7 @@ class DashModule(L.LightningModule):
         self.log("reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=1)
         self.log("kept", stats["train/kept_fraction"], prog_bar=True, logger=False, batch_size=1)
 
-    # ---- validation (lit-dash validate) ---------------------------------------------------------------
+    # ---- validation, test and predict (lit-dash validate / test / predict) ---------------------------
 
     def validation_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> None:
         dm = self.trainer.datamodule
@@ -728,11 +729,63 @@ class DashModule(L.LightningModule):
         self._val_records.setdefault(name, []).extend(records)
 
     def on_validation_epoch_end(self) -> None:
-        results = self.collect_eval_results(self._val_records, tag="validate")
+        self._log_eval_epoch(tag="validate", prefix="eval")
+
+    def _log_eval_epoch(self, tag: str, prefix: str) -> None:
+        results = self.collect_eval_results(self._val_records, tag=tag)
         for result in results:
-            for key, value in result.metrics().items():
+            for key, value in result.metrics(prefix).items():
                 self.log(key, value, add_dataloader_idx=False, batch_size=1)
         self._val_records = {}
+
+    def test_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """``lit-dash test``: the eval sets, scored as in validation, logged as ``test/<set>/...``."""
+        self.validation_step(problems, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch(tag="test", prefix="test")
+
+    def predict_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """``lit-dash predict``: one greedy completion per prompt of ``data.predict_file`` (the eval
+        sampling: temperature 0, ``eval_max_new_tokens``); problems with an ``answer`` are scored too."""
+        from lit_dash.data.formatting import format_prompts
+        from lit_dash.engines.base import SamplingConfig
+        from lit_dash.rewards import extract_answer
+
+        dm = self.trainer.datamodule
+        prompts = format_prompts(
+            problems, dm.engine.tokenizer, style=dm.prompt_style, instruction=dm.instruction
+        )
+        sampling = SamplingConfig(temperature=0.0, max_new_tokens=dm.eval_max_new_tokens)
+        result = dm.engine.generate(prompts, 1, sampling)
+        records = [
+            {
+                "source_id": p.source_id,
+                "question": p.question,
+                "prompt": prompt,
+                "completion": c.text,
+                "extracted": extract_answer(c.text, self.hparams.answer_fallback),
+                "completion_tokens": len(c.token_ids),
+                "truncated": c.truncated,
+            }
+            for p, prompt, c in zip(problems, prompts, result.completions, strict=True)
+        ]
+        scored = [i for i, p in enumerate(problems) if p.answer]
+        if scored:
+            rewards = self.reward([records[i]["completion"] for i in scored], [problems[i] for i in scored])
+            for i, reward in zip(scored, rewards, strict=True):
+                records[i].update(reference=problems[i].answer, reward=float(reward))
+        self._predictions.extend(records)
+        return records
+
+    def on_predict_epoch_end(self) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if self.trainer.is_global_zero:
+            path = write_jsonl(self._predictions, f"{log_dir}/predictions.jsonl")
+            rank_zero_info(f"[lit_dash] {len(self._predictions)} completions written to {path}")
+        self._predictions = []
 
     def collect_eval_results(self, records_by_set: dict[str, list[dict]], tag: str) -> list[EvalResult]:
         """Summarise evaluation records and write them as JSONL next to the logs."""
