@@ -46,12 +46,12 @@ def main(args: list[str] | None = None) -> None:
 
     from lit_dash.errors import find_input_error
 
-    args = list(sys.argv[1:] if args is None else args)
+    argv = list(sys.argv[1:] if args is None else args)
     try:
-        if args[:1] == ["export"]:
+        if argv[:1] == ["export"]:
             from lit_dash.export import main as export_main
 
-            export_main(args[1:])
+            export_main(argv[1:])
             return
         build_cli(args)
     except SIGTERMException:
@@ -79,8 +79,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
     from lit_dash.data.datamodule import RolloutDataModule
     from lit_dash.module import DashModule
 
-    args = list(sys.argv[1:] if args is None else args)
-    refuse_optimizer_flags(args)
+    refuse_optimizer_flags(list(sys.argv[1:] if args is None else args))
 
     class DashCLI(LightningCLI):
         def instantiate_classes(self) -> None:
@@ -95,7 +94,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
         parser_kwargs={"parser_mode": "omegaconf", "epilog": EPILOG},
         auto_configure_optimizers=False,  # the manual loop steps configure_optimizers' optimizer and schedule
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=args,  # None: sys.argv
         run=run,
     )
 

@@ -66,19 +66,30 @@ def save_policy(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     saved_dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     config = model.config
-    old = {"dtype": getattr(config, "dtype", None), "use_cache": getattr(config, "use_cache", None)}
+    use_cache = getattr(config, "use_cache", None)
     try:
-        config.dtype = saved_dtype  # config.json says what the safetensors hold
         config.use_cache = True
-        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        model.save_pretrained(out, state_dict=state)  # safetensors
     finally:
-        for key, value in old.items():
-            setattr(config, key, value)
+        config.use_cache = use_cache
+    _write_config_dtype(out, saved_dtype)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     tokenizer.save_pretrained(out)
     if getattr(tokenizer, "chat_template", None) and not _has_chat_template(out):
         raise RuntimeError(f"the tokenizer's chat template was not written to {out}")
     return out
+
+
+def _write_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """``config.json`` says what the safetensors hold (save_pretrained writes the in-memory model's dtype,
+    fp32 when a cast state dict was saved); vLLM's and transformers' ``dtype="auto"`` read it."""
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _has_chat_template(folder: Path) -> bool:
