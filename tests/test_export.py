@@ -161,3 +161,31 @@ def test_predict_and_test_subcommands_through_the_cli(fitted, tmp_path):
     run = build_cli(["test", "--config", str(config), "--ckpt_path", last, *hf])
     assert 0.0 <= float(run.trainer.callback_metrics["test/arithmetic/accuracy"]) <= 1.0
     assert list((Path(run.trainer.log_dir) / "eval").glob("arithmetic_test_step*.jsonl"))
+
+
+def test_independent_check_scores_the_export(fitted, tmp_path):
+    """The demo's closing command: plain vLLM on the export reproduces the fit's final greedy evaluation."""
+    import os
+    import subprocess
+    import sys
+
+    cli, _ = fitted
+    log_dir = Path(cli.trainer.log_dir)
+    final = log_dir / "eval" / "arithmetic_fit_step2.jsonl"
+    out = tmp_path / "check.json"
+    script = REPO / "scripts" / "independent_check.py"
+    args = ["--model", str(log_dir / "export"), "--questions-from", str(final), "--json-out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--kv-cache-gib", "0.25"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.exists(), f"{proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    plain = json.loads(out.read_text())["records"]
+    lit = [json.loads(line) for line in final.read_text().splitlines()]
+    assert [r["prompt"] for r in plain] == [r["prompt"] for r in lit]  # instruction read from hparams.yaml
+    assert [r["completion"] for r in plain] == [r["completion"] for r in lit]
+    assert "lit_dash's evaluation at step 2" in proc.stdout
