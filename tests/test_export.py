@@ -189,3 +189,24 @@ def test_independent_check_scores_the_export(fitted, tmp_path):
     assert [r["prompt"] for r in plain] == [r["prompt"] for r in lit]  # instruction read from hparams.yaml
     assert [r["completion"] for r in plain] == [r["completion"] for r in lit]
     assert "lit_dash's evaluation at step 2" in proc.stdout
+
+
+def test_an_fsdp_sharded_checkpoint_folder_is_consolidated(tiny_model_path, tmp_path):
+    """The layout Lightning's FSDPStrategy writes with state_dict_type "sharded": a torch.distributed
+    checkpoint of {"model": state_dict} plus meta.pt with the rest (written here in one process)."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    from lit_dash.export import export_checkpoint
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    state = {f"policy.{k}": v + 1.0 for k, v in base.state_dict().items()}  # weights the base lacks
+    folder = tmp_path / "sharded.ckpt"
+    dcp.save({"model": state}, checkpoint_id=str(folder))
+    torch.save({"global_step": 3, "hyper_parameters": {"model": "tiny-llama"}}, folder / "meta.pt")
+    weights = load_file(export_checkpoint(folder, tmp_path / "out") / "model.safetensors")
+    assert all(torch.equal(weights[k], state[f"policy.{k}"]) for k in weights)
+    assert not torch.equal(weights["model.norm.weight"], base.state_dict()["model.norm.weight"])
+    (tmp_path / "neither").mkdir()
+    with pytest.raises(ValueError, match="neither a sharded"):
+        export_checkpoint(tmp_path / "neither", tmp_path / "x")
