@@ -6,6 +6,9 @@ setup:
 
 demo: setup
 	.venv/bin/lit-dash fit --config configs/demo.yaml
+	@model=$$(ls -td runs/demo/lightning_logs/version_*/export | head -1); \
+	echo "[demo] the trained model, a transformers folder vLLM loads: $$model"; \
+	echo "[demo] evaluate it: .venv/bin/python scripts/independent_check.py --model $$model"
 
 test: setup
 	.venv/bin/python -m pytest -q

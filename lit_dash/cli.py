@@ -3,6 +3,15 @@
     lit-dash fit --config configs/demo.yaml
     lit-dash validate --config configs/eval_gsm8k.yaml
     lit-dash fit --config configs/demo.yaml --print_config
+    lit-dash test --config configs/eval_gsm8k.yaml --ckpt_path runs/demo/checkpoints/last.ckpt
+    lit-dash predict --config configs/demo.yaml --data.predict_file prompts.jsonl --ckpt_path ...
+    lit-dash export --ckpt_path runs/demo/checkpoints/last.ckpt --out exported/ [--dtype bfloat16]
+
+``test`` runs the eval sets through Lightning's test loop (logged as ``test/<set>/...``); ``predict``
+writes greedy completions of ``data.predict_file`` to ``<log_dir>/predictions.jsonl``; ``export`` writes a
+checkpoint's policy as a transformers folder (lit_dash/export.py). ``--optimizer`` / ``--lr_scheduler``
+are not offered: the module's manual loop steps the AdamW + schedule of ``configure_optimizers``
+(``model.lr``, ``warmup_steps``, ``lr_schedule``).
 
 omegaconf parser mode lets a config interpolate its own values (``${data.init_args.group_size}``).
 ``--model my_pkg.MyModule`` swaps in a subclass (e.g. a new reward); ``data:`` likewise takes a
@@ -37,7 +46,13 @@ def main(args: list[str] | None = None) -> None:
 
     from lit_dash.errors import find_input_error
 
+    argv = list(sys.argv[1:] if args is None else args)
     try:
+        if argv[:1] == ["export"]:
+            from lit_dash.export import main as export_main
+
+            export_main(argv[1:])
+            return
         build_cli(args)
     except SIGTERMException:
         print("[lit_dash] stopped by SIGTERM at a step boundary", file=sys.stderr)
@@ -50,6 +65,12 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+EPILOG = (
+    "also: lit-dash export --ckpt_path CKPT --out DIR [--dtype auto|float32|bfloat16|float16] "
+    "[--model NAME] [--config CONFIG]: a checkpoint's policy as a transformers folder"
+)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool = True):
     """The LightningCLI object; tests call it with ``args`` to run, or to parse a config only."""
     _environment()
@@ -57,6 +78,8 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
 
     from lit_dash.data.datamodule import RolloutDataModule
     from lit_dash.module import DashModule
+
+    refuse_optimizer_flags(list(sys.argv[1:] if args is None else args))
 
     class DashCLI(LightningCLI):
         def instantiate_classes(self) -> None:
@@ -68,11 +91,27 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
         RolloutDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "epilog": EPILOG},
+        auto_configure_optimizers=False,  # the manual loop steps configure_optimizers' optimizer and schedule
         save_config_kwargs={"overwrite": True},
-        args=args if args is not None else sys.argv[1:],
+        args=args,  # None: sys.argv
         run=run,
     )
+
+
+def refuse_optimizer_flags(args: list[str]) -> None:
+    """``--optimizer`` / ``--lr_scheduler`` would replace configure_optimizers, whose AdamW and LR schedule
+    the manual loop steps: refused with what to set instead."""
+    flags = [a for a in args if a.split("=")[0].split(".")[0] in ("--optimizer", "--lr_scheduler")]
+    if flags:
+        from lit_dash.errors import ConfigError
+
+        raise ConfigError(
+            f"{flags[0]} is not supported: the training loop is manual and steps the AdamW optimizer and "
+            "LR schedule of DashModule.configure_optimizers; set model.init_args.lr, weight_decay, "
+            "warmup_steps and lr_schedule (linear / constant) instead, or override configure_optimizers in "
+            "a subclass (--model my_pkg.MyModule)"
+        )
 
 
 def check_config(path: str):

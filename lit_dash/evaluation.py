@@ -5,6 +5,10 @@ Accuracy comes from the reward (the module's, strict by default). The ``verdict`
 from :func:`lit_dash.rewards.math_verdicts` whatever the reward is, so a lenient or custom reward that pays
 unevaluated answers shows up as ``unevaluated`` beside its accuracy instead of hiding inside it.
 
+With ``samples`` (:class:`EvalSamples`) each problem also gets ``n`` sampled completions at a temperature,
+and the set reports pass@k (the unbiased estimator, :func:`pass_at_k`) and maj@k (majority vote over the
+extracted answers of k samples, :func:`majority_vote`) beside greedy accuracy.
+
 One :class:`Evaluator` serves both ``lit-dash validate`` (through the module's validation step) and the
 evaluation callback during training, so the numbers mean the same thing in both places.
 """
@@ -12,6 +16,8 @@ evaluation callback during training, so the numbers mean the same thing in both 
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +36,70 @@ def default_reward(completions: list[str], problems: list[Problem]) -> list[floa
     return math_rewards(completions, [p.answer for p in problems])
 
 
+@dataclass(frozen=True)
+class EvalSamples:
+    """Sampled completions per problem at evaluation, for pass@k and maj@k.
+
+    Args:
+        k: completions pass@k and maj@k are about.
+        n: completions sampled per problem (>= k; default k). pass@k is estimated from all n (more is a
+            lower-variance estimate of the same number); maj@k votes over the first k.
+        temperature: sampling temperature (> 0).
+        top_p: nucleus sampling.
+    """
+
+    k: int = 8
+    n: int | None = None
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        from lit_dash.errors import ConfigError
+
+        if self.k < 1:
+            raise ConfigError(f"eval_samples.k must be >= 1 (completions), got {self.k}")
+        if self.n is not None and self.n < self.k:
+            raise ConfigError(f"eval_samples.n ({self.n}) must be >= eval_samples.k ({self.k}) or null")
+        if not self.temperature > 0:
+            raise ConfigError(
+                f"eval_samples.temperature must be > 0 (greedy accuracy is reported anyway), got {self.temperature}"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        return self.n if self.n is not None else self.k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021),
+    as the product 1 - prod_{i<k} (n-c-i)/(n-i), which never forms the large binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def answer_key(answer: str | None) -> str | None:
+    """What majority vote compares: the extracted answer with all whitespace removed (so ``1 / 2`` and
+    ``1/2`` vote together; ``0.5`` and ``1/2`` do not)."""
+    return None if answer is None else "".join(answer.split()) or None
+
+
+def majority_vote(answers: Sequence[str | None]) -> int | None:
+    """Index of the sample whose answer wins the vote, or None when no sample has an answer.
+
+    Unanswered samples (None) do not vote. A tie goes to the answer that appears first in sample order
+    (samples are in the engine's order, fixed by its seed), and the index returned is that answer's first
+    sample."""
+    keys = [answer_key(a) for a in answers]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(i for i, key in enumerate(keys) if key is not None and counts[key] == best)
+
+
 @dataclass
 class EvalResult:
     """Summary of one evaluation set. ``mean_completion_tokens`` is in tokens, the rest are fractions of the
@@ -46,10 +116,16 @@ class EvalResult:
     generation_tokens_per_second: float
     unevaluated_fraction: float = 0.0
     correct_fraction: float = 0.0
+    k: int | None = None  # with eval_samples: pass@k and maj@k (fractions of the problems)
+    pass_at_k: float | None = None
+    maj_at_k: float | None = None
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         base = f"{prefix}/{self.name}"
-        return {
+        sampled = {}
+        if self.k is not None:
+            sampled = {f"{base}/pass@{self.k}": self.pass_at_k, f"{base}/maj@{self.k}": self.maj_at_k}
+        return sampled | {
             f"{base}/accuracy": self.accuracy,
             f"{base}/length": self.mean_completion_tokens,
             f"{base}/answered": self.answered_fraction,
@@ -73,8 +149,10 @@ class Evaluator:
         batch_size: int = 256,
         instruction: str = INSTRUCTION,
         last_number_fallback: bool = False,
+        samples: EvalSamples | None = None,
     ) -> None:
         self.name = name
+        self.samples = samples
         self.problems = problems
         self.prompt_style = prompt_style
         self.sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
@@ -98,7 +176,7 @@ class Evaluator:
             texts, [p.answer for p in problems], last_number_fallback=self.last_number_fallback
         )
         seconds_each = result.seconds / max(len(problems), 1)
-        return [
+        records = [
             {
                 "source_id": p.source_id,
                 "question": p.question,
@@ -116,6 +194,44 @@ class Evaluator:
                 problems, prompts, result.completions, rewards, verdicts, strict=True
             )
         ]
+        if self.samples is not None:
+            for record, sampled in zip(
+                records, self.sample(engine, problems, prompts, reward_fn), strict=True
+            ):
+                record.update(sampled)
+        return records
+
+    def sample(
+        self, engine: Engine, problems: list[Problem], prompts: list[str], reward_fn: RewardFn
+    ) -> list[dict]:
+        """n sampled completions per problem; per problem: its pass@k, maj@k and the samples."""
+        cfg = self.samples
+        n = cfg.num_samples
+        sampling = SamplingConfig(
+            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=self.sampling.max_new_tokens
+        )
+        result = engine.generate(prompts, n, sampling)  # prompt-major: problem i's n samples are together
+        texts = [c.text for c in result.completions]
+        repeated = [p for p in problems for _ in range(n)]
+        rewards = score_completions(reward_fn, texts, repeated).tolist()
+        out = []
+        for i in range(len(problems)):
+            texts_i, rewards_i = texts[i * n : (i + 1) * n], rewards[i * n : (i + 1) * n]
+            answers = [extract_answer(t, self.last_number_fallback) for t in texts_i]
+            winner = majority_vote(answers[: cfg.k])
+            out.append(
+                {
+                    "k": cfg.k,
+                    "pass_at_k": pass_at_k(n, sum(r >= 1.0 for r in rewards_i), cfg.k),
+                    "maj_at_k": float(winner is not None and rewards_i[winner] >= 1.0),
+                    "maj_answer": answers[winner] if winner is not None else None,
+                    "sample_temperature": cfg.temperature,
+                    "sample_completions": texts_i,
+                    "sample_answers": answers,
+                    "sample_rewards": [float(r) for r in rewards_i],
+                }
+            )
+        return out
 
     def records(
         self, engine: Engine, reward_fn: RewardFn = default_reward, problems: list[Problem] | None = None
@@ -156,6 +272,13 @@ def summarize(name: str, records: list[dict]) -> EvalResult:
     n = max(len(records), 1)
     tokens = sum(r["completion_tokens"] for r in records)
     seconds = sum(r["seconds"] for r in records)
+    sampled = {}
+    if records and "pass_at_k" in records[0]:
+        sampled = {
+            "k": records[0]["k"],
+            "pass_at_k": sum(r["pass_at_k"] for r in records) / n,
+            "maj_at_k": sum(r["maj_at_k"] for r in records) / n,
+        }
     return EvalResult(
         name=name,
         num_problems=len(records),
@@ -166,6 +289,7 @@ def summarize(name: str, records: list[dict]) -> EvalResult:
         generation_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         unevaluated_fraction=sum(r.get("verdict") == UNEVALUATED for r in records) / n,
         correct_fraction=sum(r.get("verdict") == CORRECT for r in records) / n,
+        **sampled,
     )
 
 
@@ -191,4 +315,9 @@ def format_results(results: list[EvalResult]) -> str:
             f"{r.answered_fraction:.1%} | "
             f"{r.mean_completion_tokens:.1f} | {r.truncated_fraction:.1%} | {r.generation_tokens_per_second:.0f} |"
         )
-    return "\n".join(lines)
+    sampled = [
+        f"{r.name}: pass@{r.k} {r.pass_at_k:.1%}, maj@{r.k} {r.maj_at_k:.1%} (sampled; greedy {r.accuracy:.1%})"
+        for r in results
+        if r.k is not None
+    ]
+    return "\n".join(lines + sampled)

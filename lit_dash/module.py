@@ -198,6 +198,7 @@ class DashModule(L.LightningModule):
         self.update_stats: list[dict[str, float]] = []  # per optimizer step of the last rollout
         self.phase_seconds: dict[str, float] = {}
         self._val_records: dict[str, list[dict]] = {}
+        self._predictions: list[dict] = []
         self._resolved: str | None = None
         self.last_engine_gap: dict[str, float] | None = None  # the last step's parity figures
         self._parity_warned_at = 0.0  # the largest gap warned about so far (warn mode)
@@ -734,7 +735,7 @@ class DashModule(L.LightningModule):
             "padded_tokens": float(sum(mb.input_ids.numel() for mb in rollout.micro_batches)),
         }
 
-    # ---- validation (lit-dash validate) ---------------------------------------------------------------
+    # ---- validation, test and predict (lit-dash validate / test / predict) ---------------------------
 
     def validation_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> None:
         dm = self.trainer.datamodule
@@ -743,13 +744,16 @@ class DashModule(L.LightningModule):
         self._val_records.setdefault(name, []).extend(records)
 
     def on_validation_epoch_end(self) -> None:
-        # each rank scored its own share of every set (the val dataloader's unrepeated sampler); gathered,
+        self._log_eval_epoch(tag="validate", prefix="eval")
+
+    def _log_eval_epoch(self, tag: str, prefix: str) -> None:
+        # each rank scored its own share of every set (the dataloader's unrepeated sampler); gathered,
         # every rank holds the whole set once and logs the same values
         records = {name: self._gather_shares(self._val_records.get(name, [])) for name in self._val_sets()}
         records = {name: rs for name, rs in records.items() if rs}  # a set no batch of which ran
-        results = self.collect_eval_results(records, tag="validate")
+        results = self.collect_eval_results(records, tag=tag)
         for result in results:
-            for key, value in result.metrics().items():
+            for key, value in result.metrics(prefix).items():
                 # equal on every rank: max is an exact no-op reduction (and keeps Lightning from warning)
                 self.log(key, value, add_dataloader_idx=False, batch_size=1, sync_dist=True, reduce_fx="max")
         self._val_records = {}
@@ -765,6 +769,55 @@ class DashModule(L.LightningModule):
         shares: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
         torch.distributed.all_gather_object(shares, records)  # text records: an object gather
         return unshard(shares)
+
+    def test_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """``lit-dash test``: the eval sets, scored as in validation, logged as ``test/<set>/...``."""
+        self.validation_step(problems, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch(tag="test", prefix="test")
+
+    def predict_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """``lit-dash predict``: one greedy completion per prompt of ``data.predict_file`` (the eval
+        sampling: temperature 0, ``eval_max_new_tokens``); problems with an ``answer`` are scored too."""
+        from lit_dash.data.formatting import format_prompts
+        from lit_dash.engines.base import SamplingConfig
+        from lit_dash.rewards import extract_answer
+
+        dm = self.trainer.datamodule
+        prompts = format_prompts(
+            problems, dm.engine.tokenizer, style=dm.prompt_style, instruction=dm.instruction
+        )
+        sampling = SamplingConfig(temperature=0.0, max_new_tokens=dm.eval_max_new_tokens)
+        result = dm.engine.generate(prompts, 1, sampling)
+        records = [
+            {
+                "source_id": p.source_id,
+                "question": p.question,
+                "prompt": prompt,
+                "completion": c.text,
+                "extracted": extract_answer(c.text, self.hparams.answer_fallback),
+                "completion_tokens": len(c.token_ids),
+                "truncated": c.truncated,
+            }
+            for p, prompt, c in zip(problems, prompts, result.completions, strict=True)
+        ]
+        scored = [i for i, p in enumerate(problems) if p.answer]
+        if scored:
+            rewards = self.reward([records[i]["completion"] for i in scored], [problems[i] for i in scored])
+            for i, reward in zip(scored, rewards, strict=True):
+                records[i].update(reference=problems[i].answer, reward=float(reward))
+        self._predictions.extend(records)
+        return records
+
+    def on_predict_epoch_end(self) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if self.trainer.is_global_zero:
+            path = write_jsonl(self._predictions, f"{log_dir}/predictions.jsonl")
+            rank_zero_info(f"[lit_dash] {len(self._predictions)} completions written to {path}")
+        self._predictions = []
 
     def collect_eval_results(self, records_by_set: dict[str, list[dict]], tag: str) -> list[EvalResult]:
         """Summarise evaluation records (each set whole, every rank's share gathered) and write them as

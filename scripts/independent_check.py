@@ -2,12 +2,16 @@
 
     .venv/bin/python scripts/independent_check.py runs/demo            # the run folder (or a .ckpt file)
     .venv/bin/python scripts/independent_check.py runs/demo --n 300 --seed 12345 --json-out check.json
+    .venv/bin/python scripts/independent_check.py --model runs/demo/lightning_logs/version_0/export
 
 What it does, and what it does NOT share with lit_dash:
 
-1. The checkpoint's ``policy.*`` weights go into a plain transformers folder: AutoModelForCausalLM from
-   the base model folder, ``load_state_dict``, ``save_pretrained``, and the tokenizer copied beside them.
-   (lit_dash is imported for one thing only: to turn the checkpoint's model alias into the base folder.)
+1. The checkpoint's ``policy.*`` weights go into a plain transformers folder with lit_dash's export
+   (``lit_dash.export.export_checkpoint``, the same code as ``lit-dash export`` and the ExportModel
+   callback, whose vLLM round trip tests/test_export.py checks): AutoModelForCausalLM from the base model
+   folder, ``load_state_dict``, ``save_pretrained``, the tokenizer beside them. With ``--model FOLDER``
+   an already exported folder (``<log_dir>/export``) is scored as it is; the run's instruction and eval
+   length are read from ``<log_dir>/hparams.yaml`` and its eval JSONL from ``<log_dir>/eval``.
 2. ``N`` fresh two-digit additions ("What is 37 + 48?", both operands 10-99), drawn here with Python's
    ``random.Random(f"independent-check:{seed}")``, not with lit_dash's generator. They are taken only from
    the held-out half of lit_dash's fixed hash partition of the question space (the rule is copied below
@@ -138,37 +142,25 @@ def load_checkpoint(ckpt_path: Path) -> dict:
     return torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
 
 
-def base_model_folder(ckpt: dict, override: str | None = None) -> str:
-    name = override or ckpt.get("hyper_parameters", {}).get("model")
-    if not name:
-        raise SystemExit("the checkpoint names no base model; pass --base-model FOLDER")
-    from lit_dash.models import resolve_model  # an alias -> its folder; nothing else of lit_dash is used
+def export_weights(ckpt_path: Path, out_folder: str | Path, base_model: str | None = None) -> Path:
+    """The checkpoint's policy weights as a plain transformers folder (lit_dash's export, fp32)."""
+    from lit_dash.errors import InputError
+    from lit_dash.export import export_checkpoint
 
-    return resolve_model(name)
+    try:
+        return export_checkpoint(ckpt_path, out_folder, dtype="float32", model=base_model)
+    except InputError as exc:
+        raise SystemExit(str(exc)) from None
 
 
-def export_weights(ckpt: dict, base_folder: str, out_folder: str | Path) -> Path:
-    """The checkpoint's policy weights as a plain transformers folder (fp32 safetensors + tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def run_hparams(log_dir: Path) -> dict:
+    """``<log_dir>/hparams.yaml`` (the module's and the datamodule's hyper-parameters), or {}."""
+    path = log_dir / "hparams.yaml"
+    if not path.exists():
+        return {}
+    import yaml
 
-    state = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
-    if not state:
-        keys = list(ckpt["state_dict"])[:5]
-        raise SystemExit(f"the checkpoint has no policy.* weights (first keys: {keys})")
-    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    result = model.load_state_dict(state, strict=False)
-    missing = [
-        k for k in result.missing_keys if k != "lm_head.weight" or not model.config.tie_word_embeddings
-    ]
-    if missing or result.unexpected_keys:
-        raise SystemExit(
-            f"checkpoint and base model disagree: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    out = Path(out_folder)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base_folder).save_pretrained(out)
-    return out
+    return yaml.safe_load(path.read_text()) or {}
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -234,7 +226,10 @@ def lit_dash_final(run: Path, eval_set: str) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", help="a run folder (default_root_dir, with checkpoints/) or a .ckpt file")
+    ap.add_argument(
+        "path", nargs="?", help="a run folder (default_root_dir, with checkpoints/) or a .ckpt file"
+    )
+    ap.add_argument("--model", help="score this exported transformers folder (<log_dir>/export) instead")
     ap.add_argument("--n", type=int, default=300, help="fresh two-digit additions to score (default 300)")
     ap.add_argument("--seed", type=int, default=12345, help="seed of this script's own problem draw")
     ap.add_argument("--questions-from", help="score the questions of this eval JSONL instead of fresh ones")
@@ -249,13 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", help="write every completion and the summary here")
     args = ap.parse_args(argv)
 
+    if (args.path is None) == (args.model is None):
+        ap.error("pass a run folder / .ckpt file, or --model EXPORTED_FOLDER (one of the two)")
     start = time.perf_counter()
-    ckpt_path = find_checkpoint(args.path)
-    ckpt = load_checkpoint(ckpt_path)
-    data_hp = ckpt.get("datamodule_hyper_parameters", {}) or {}
+    ckpt_path = ckpt = None
+    step = None
+    if args.model:
+        model_folder = Path(args.model)
+        if not (model_folder / "config.json").exists():
+            raise SystemExit(f"--model {model_folder}: no config.json there; pass an exported folder")
+        run = model_folder.parent  # <log_dir>/export: the run's eval JSONL are in <log_dir>/eval
+        data_hp = run_hparams(run)
+    else:
+        ckpt_path = find_checkpoint(args.path)
+        ckpt = load_checkpoint(ckpt_path)
+        data_hp = ckpt.get("datamodule_hyper_parameters", {}) or {}
+        run = Path(args.path) if Path(args.path).is_dir() else ckpt_path.parent.parent
     instruction = args.instruction or data_hp.get("instruction") or DEFAULT_INSTRUCTION
     max_new_tokens = args.max_new_tokens or data_hp.get("eval_max_new_tokens") or 64
-    run = Path(args.path) if Path(args.path).is_dir() else ckpt_path.parent.parent
 
     if args.questions_from:
         rows = [
@@ -272,10 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     with tempfile.TemporaryDirectory(prefix="independent_check_") as tmp:
-        folder = export_weights(ckpt, base_model_folder(ckpt, args.base_model), args.export_dir or tmp)
-        step = ckpt.get("global_step")
-        del ckpt
-        print(f"[check] exported {ckpt_path} (step {step}) to {folder}")
+        if ckpt is not None:
+            step = ckpt.get("global_step")
+            del ckpt
+            folder = export_weights(ckpt_path, args.export_dir or tmp, args.base_model)
+            print(f"[check] exported {ckpt_path} (step {step}) to {folder}")
+        else:
+            folder = model_folder
+            print(f"[check] scoring the exported folder {folder}")
         questions = [q for q, _ in problems]
         prompts, texts = greedy_completions(folder, questions, instruction, max_new_tokens, args.kv_cache_gib)
 
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(problems)
     accuracy = sum(right) / n
     summary = {
-        "checkpoint": str(ckpt_path),
+        "checkpoint": str(ckpt_path or args.model),
         "step": step,
         "n": n,
         "accuracy": accuracy,

@@ -78,3 +78,25 @@ def test_two_step_fit_through_the_cli(tmp_path, tiny_engine):
 
     initial_lp = logprobs_of(AutoModelForCausalLM.from_pretrained(module.model_path(), dtype=torch.float32))
     assert (initial_lp - policy_lp).abs().max() > 1e-2, "two steps at lr 1e-4 should move the policy"
+
+
+@pytest.mark.parametrize("flag", ["--optimizer=Adam", "--lr_scheduler.class_path=StepLR", "--optimizer"])
+def test_optimizer_and_scheduler_flags_are_refused_with_what_to_set(flag, capsys):
+    from lit_dash.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", TINY, flag])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "not supported" in err and "lr_schedule" in err, err
+    # without the refusal LightningCLI would have offered them (auto_configure_optimizers=False removes them)
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--help"], run=False)
+    assert "--optimizer" not in capsys.readouterr().out
+
+
+def test_help_names_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["--help"], run=False)
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fit", "validate", "test", "predict", "lit-dash export"))

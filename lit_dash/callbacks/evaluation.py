@@ -6,15 +6,27 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_dash.callbacks.cadence import Cadence, steps_per_rollout
 from lit_dash.evaluation import EvalResult, format_results
 
 
+def publish(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Put evaluation figures where Lightning's callbacks look: ``trainer.callback_metrics``, as the
+    tensors ``self.log`` would leave there. ``ModelCheckpoint(monitor="eval/<set>/accuracy")`` (which runs
+    after this callback: Lightning moves checkpoint callbacks last) then ranks the step's checkpoint by
+    it, and ``ckpt_path="best"`` finds the best. ``self.log`` itself is not allowed in on_train_start or
+    on_train_end, where the first and last evaluations run."""
+    trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
+
+
 class MathEvaluation(L.Callback):
     """Runs the datamodule's eval sets greedily (the same :class:`Evaluator` as ``lit-dash validate``) and
-    logs ``eval/<set>/accuracy``, ``eval/<set>/length`` etc. Keeps every result in ``history``.
+    logs ``eval/<set>/accuracy``, ``eval/<set>/length`` etc. (and ``eval/<set>/pass@k``, ``maj@k`` with
+    ``data.eval_samples``) to the logger and to ``trainer.callback_metrics`` (so ModelCheckpoint and
+    EarlyStopping can monitor them). Keeps every result in ``history``.
 
     Under DDP each rank scores its share of every set (every world-th problem, no duplicates) and the
     shares are gathered, so every rank holds the whole set's result and rank 0 logs it and writes the JSONL
@@ -61,6 +73,7 @@ class MathEvaluation(L.Callback):
             metrics.update(r.metrics())
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
+        publish(trainer, metrics)
         rank_zero_info(f"\n[lit_dash] evaluation at step {step} ({seconds:.0f} s)\n{format_results(results)}")
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -80,11 +93,16 @@ class MathEvaluation(L.Callback):
         lines = []
         for name in names:
             first, last = self.first_and_last(name)
+            sampled = ""
+            if last.k is not None:
+                sampled = f"; pass@{last.k} {first.pass_at_k:.1%} -> {last.pass_at_k:.1%}, maj@{last.k} " + (
+                    f"{first.maj_at_k:.1%} -> {last.maj_at_k:.1%}"
+                )
             lines.append(
                 f"  {name}: {first.accuracy:.1%} -> {last.accuracy:.1%} "
                 f"({last.num_problems} problems, greedy; unevaluated expressions equal to the reference "
                 f"{first.unevaluated_fraction:.1%} -> {last.unevaluated_fraction:.1%}; mean length "
-                f"{first.mean_completion_tokens:.0f} -> {last.mean_completion_tokens:.0f} tokens)"
+                f"{first.mean_completion_tokens:.0f} -> {last.mean_completion_tokens:.0f} tokens{sampled})"
             )
         if lines:
             rank_zero_info("[lit_dash] held-out accuracy, first -> last evaluation:\n" + "\n".join(lines))

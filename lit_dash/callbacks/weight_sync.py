@@ -70,6 +70,12 @@ class WeightSync(L.Callback):
         if not trainer.training and self.synced_step != trainer.global_step:
             self.sync(trainer, pl_module)
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.sync(trainer, pl_module)  # lit-dash test / predict: the loaded weights, whatever the step
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.sync(trainer, pl_module)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.synced_step != trainer.global_step:
             self.sync(trainer, pl_module)

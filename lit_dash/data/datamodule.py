@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_dash.data.buffer import ROLLOUT_MODES, Rollout, RolloutBuffer
 from lit_dash.data.formatting import INSTRUCTION, PROMPT_STYLES, format_prompts
 from lit_dash.data.records import Problem
-from lit_dash.data.sources import DataError, load_problems
+from lit_dash.data.sources import DataError, load_problems, read_jsonl
 from lit_dash.engines import ENGINE_KINDS, Engine, SamplingConfig, build_engine
 from lit_dash.errors import ConfigError
-from lit_dash.evaluation import Evaluator
+from lit_dash.evaluation import EvalSamples, Evaluator
 from lit_dash.models import context_length
 
 
@@ -182,6 +182,11 @@ class RolloutDataModule(L.LightningDataModule):
         engine: the rollout engine's settings.
         eval_max_new_tokens: tokens per completion at evaluation.
         eval_batch_size: problems per engine call at evaluation.
+        eval_samples: also sample n completions per eval problem at a temperature and report pass@k and
+            maj@k beside greedy accuracy (``{k: 8, temperature: 0.7}``; see evaluation.EvalSamples); null:
+            greedy only.
+        predict_file: JSONL of prompts for ``lit-dash predict`` (one object per line with a ``question``;
+            an ``answer`` is scored when present); greedy completions go to ``<log_dir>/predictions.jsonl``.
     """
 
     def __init__(
@@ -203,6 +208,8 @@ class RolloutDataModule(L.LightningDataModule):
         engine: EngineConfig | None = None,
         eval_max_new_tokens: int = 256,
         eval_batch_size: int = 256,
+        eval_samples: EvalSamples | None = None,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         self.train_source = train or ProblemSource()
@@ -223,6 +230,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.engine_config = engine or EngineConfig()
         self.eval_max_new_tokens = eval_max_new_tokens
         self.eval_batch_size = eval_batch_size
+        self.eval_samples = eval_samples
+        self.predict_file = predict_file
         self._check_knobs()
         self._save_knobs_as_hparams()
         self.engine: Engine | None = None
@@ -248,6 +257,8 @@ class RolloutDataModule(L.LightningDataModule):
             eval_sets={name: plain(s) for name, s in self.eval_sources.items()},
             sampling=plain(self.sampling),
             engine=plain(self.engine_config),
+            eval_samples=plain(self.eval_samples),
+            predict_file=self.predict_file,
         )
         self.save_hyperparameters(knobs)
 
@@ -356,6 +367,8 @@ class RolloutDataModule(L.LightningDataModule):
             self.check_model_context(module.model_name, getattr(module.hparams, "model_cache", None))
         if stage == "fit" and hasattr(module, "apply_rollout_budget"):
             module.apply_rollout_budget()  # a budget conflict fails here, before the engine starts
+        if stage == "predict":
+            self._predict_problems()  # a missing or malformed prompt file fails before the engine starts
         if stage == "fit" and not self.train_problems:
             self.train_problems = self.train_source.load()
         if not self.evaluators:
@@ -368,6 +381,7 @@ class RolloutDataModule(L.LightningDataModule):
                     batch_size=self.eval_batch_size,
                     instruction=self.instruction,
                     last_number_fallback=self._module_flag("answer_fallback"),
+                    samples=self.eval_samples,
                 )
         if self.engine is None:
             self.engine = self._start_engine()
@@ -507,6 +521,30 @@ class RolloutDataModule(L.LightningDataModule):
             shuffle=False,
             sampler=sampler,
         )
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """``lit-dash test``: the eval sets through Lightning's test loop (the validation path)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """``lit-dash predict``: the prompts of ``predict_file``, ``eval_batch_size`` per engine call."""
+        return DataLoader(
+            self._predict_problems(), batch_size=self.eval_batch_size, collate_fn=_problems_collate
+        )
+
+    def _predict_problems(self) -> list[Problem]:
+        if not self.predict_file:
+            raise DataError("predict needs data.predict_file: a JSONL file with a question per line")
+        problems = []
+        for i, row in enumerate(read_jsonl(self.predict_file)):
+            if not isinstance(row.get("question"), str):
+                raise DataError(f'{self.predict_file}: line {i + 1} has no "question" string')
+            problems.append(
+                Problem(
+                    row["question"], str(row.get("answer", "")), f"{self.predict_file}:{i + 1}", extra=row
+                )
+            )
+        return problems
 
     def rollout(self, problems: list[Problem], reward_fn) -> Rollout:
         """Sample, score, normalise and filter one optimizer step's data (called by the training step)."""

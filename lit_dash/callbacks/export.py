@@ -1,0 +1,47 @@
+"""At the end of fit, the policy as a transformers folder (``<log_dir>/export``) that vLLM loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_dash.callbacks.weight_sync import _full_weights, _is_fsdp, _policy_weights
+from lit_dash.export import export_dtype, policy_state, save_policy
+
+
+class ExportModel(L.Callback):
+    """Writes the trained policy with :func:`lit_dash.export.save_policy` when fit ends: safetensors,
+    ``config.json``, ``generation_config.json``, the tokenizer and its chat template, and prints the path.
+
+    Args:
+        dirpath: the folder to write (default ``<log_dir>/export``).
+        dtype: auto (the training dtype: the fp32 master weights), float32, bfloat16 or float16.
+
+    Rank 0 writes. Under FSDP every rank takes part in summoning the full parameters (as WeightSync does
+    each step), whatever ``state_dict_type``; elsewhere ``strategy.lightning_module_state_dict()`` gives
+    the full weights (single device, DDP). Not tested under FSDP or DeepSpeed (no multi-GPU machine here);
+    with DeepSpeed, export the converted checkpoint instead (``lit-dash export``).
+    """
+
+    def __init__(self, dirpath: str | None = None, dtype: str = "auto") -> None:
+        self.dirpath = dirpath
+        self.dtype = dtype
+        export_dtype(dtype)  # a bad dtype fails at config time
+        self.path: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
+        model = trainer.strategy.model
+        if _is_fsdp(model):
+            with torch.no_grad(), _full_weights(model):
+                pairs = _policy_weights(pl_module.policy, fsdp=True)
+                state = {n: t.detach().cpu().clone() for n, t in pairs} if trainer.is_global_zero else {}
+        else:
+            state = policy_state(trainer.strategy.lightning_module_state_dict())
+        if trainer.is_global_zero:
+            save_policy(pl_module.policy, out, pl_module.model_path(), export_dtype(self.dtype), state)
+        self.path = out
+        rank_zero_info(f"[lit_dash] exported the policy (step {trainer.global_step}) to {out}")
