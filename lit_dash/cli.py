@@ -4,7 +4,8 @@
     lit-dash validate --config configs/eval_gsm8k.yaml
     lit-dash fit --config configs/demo.yaml --print_config
 
-omegaconf parser mode lets a config interpolate its own values (``${data.init_args.group_size}``).
+omegaconf+ parser mode lets a config interpolate its own values (``eval_max_new_tokens: ${.sampling.max_new_tokens}``),
+resolved after the command line is merged, so an override reaches the keys that interpolate it.
 ``--model my_pkg.MyModule`` swaps in a subclass (e.g. a new reward); ``data:`` likewise takes a
 ``class_path:`` (``lit_dash.sft.SftDataModule`` for the SFT baseline), and a ``data:`` block without one
 means ``RolloutDataModule``.
@@ -68,7 +69,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
         RolloutDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=args if args is not None else sys.argv[1:],
         run=run,
