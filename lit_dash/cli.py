@@ -13,7 +13,8 @@ checkpoint's policy as a transformers folder (lit_dash/export.py). ``--optimizer
 are not offered: the module's manual loop steps the AdamW + schedule of ``configure_optimizers``
 (``model.lr``, ``warmup_steps``, ``lr_schedule``).
 
-omegaconf parser mode lets a config interpolate its own values (``${data.init_args.group_size}``).
+omegaconf+ parser mode lets a config interpolate its own values (``eval_max_new_tokens: ${.sampling.max_new_tokens}``),
+resolved after the command line is merged, so an override reaches the keys that interpolate it.
 ``--model my_pkg.MyModule`` swaps in a subclass (e.g. a new reward); ``data:`` likewise takes a
 ``class_path:`` (``lit_dash.sft.SftDataModule`` for the SFT baseline), and a ``data:`` block without one
 means ``RolloutDataModule``.
@@ -91,7 +92,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
         RolloutDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf", "epilog": EPILOG},
+        parser_kwargs={"parser_mode": "omegaconf+", "epilog": EPILOG},
         auto_configure_optimizers=False,  # the manual loop steps configure_optimizers' optimizer and schedule
         save_config_kwargs={"overwrite": True},
         args=args,  # None: sys.argv

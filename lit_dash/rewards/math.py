@@ -11,17 +11,20 @@ battery of comparisons), never by a hand-written normaliser. What this module ad
 policy under RL produces adversarial text sooner or later (``\\boxed{9^{9^{9^9}}}`` makes SymPy compute a
 number with hundreds of millions of digits inside C code that no signal can interrupt), and math_verify's
 own timeout uses ``signal.alarm``, which only works on the main thread. So every comparison runs in a small
-pool of long-lived worker processes:
+pool of long-lived worker processes, a `pebble <https://pebble.readthedocs.io>`_ ``ProcessPool``:
 
 * inside a worker, an interval timer (``setitimer``) stops Python-level slowness at 80% of ``timeout_s``;
-* in the caller, each item has a hard deadline of ``timeout_s`` from dispatch; a worker that misses it is
-  killed (SIGKILL) and replaced, and the item scores 0.0.
+* pebble gives each item a hard deadline of ``timeout_s`` from when a worker takes it; a worker that misses
+  it is killed and replaced, and the item scores 0.0.
 
-This works from any thread (the caller only waits on pipes) and from several threads at once (workers are
-checked out per call). Workers are fresh ``python`` subprocesses (never a fork of a multi-threaded trainer
-with CUDA and vLLM in it), and they are warmed up once before they take work, so start-up time never
-counts against an item's deadline. Cheap cases (no ``\\boxed{}``, an over-long answer, an answer that is
-character-for-character the reference) are answered in the caller without any IPC.
+This works from any thread and from several threads at once (each item is its own future). Workers are
+started with ``spawn`` (never a fork of a multi-threaded trainer with CUDA and vLLM in it) and warm up in
+pebble's initializer, before they take work, so start-up time never counts against an item's deadline.
+Spawn re-imports the caller's ``__main__`` in each worker: for ``lit-dash``, ``python -m``, notebooks and
+pytest that is light, but a training *script* must keep its work under ``if __name__ == "__main__":`` (as
+any multiprocessing code must) and its top-level imports are paid once per worker. Cheap cases (no
+``\\boxed{}``, an over-long answer, an answer that is character-for-character the reference) are answered
+in the caller without any IPC.
 
 math_verify behaviour worth knowing (checked in ``tests/test_rewards.py``): ``1,000``=``1000``,
 ``\\$18``=``18``, ``18.00``=``18``, ``\\dfrac{3}{4}``=``0.75``, ``90^\\circ``=``90``, ``x=5``=``5``,
@@ -33,18 +36,18 @@ the unordered list ``1,2`` equals ``2,1`` (comma lists are read as sets).
 from __future__ import annotations
 
 import atexit
+import concurrent.futures as cf
 import logging
+import multiprocessing
 import os
 import re
-import subprocess
-import sys
+import signal
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from functools import lru_cache
-from multiprocessing.connection import Connection, wait
 from typing import Any
+
+import pebble
 
 from lit_dash.data.sources import last_boxed
 
@@ -66,7 +69,6 @@ logger = logging.getLogger(__name__)
 MAX_ANSWER_CHARS = 1000
 _SOFT_FRACTION = 0.8  # in-worker timer, as a fraction of timeout_s; the hard kill comes at timeout_s
 _STARTUP_TIMEOUT_S = 120.0  # a worker that is not ready by then means a broken install, not a slow item
-_POLL_S = 0.05  # how often a caller with work left looks for workers freed by other threads
 
 
 _LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -124,265 +126,132 @@ def _verdict(answer: str, reference: str) -> str:
     return CORRECT if is_final_form(pred, gold) else UNEVALUATED
 
 
-def _worker_entry(read_fd: int, write_fd: int) -> None:
-    """Serve ``(answer, reference, soft_timeout_s)`` requests until the pipe closes."""
-    import signal
+def _on_timer(signum: int, frame: Any) -> None:
+    raise _SoftTimeout
 
-    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it kills us
-
-    def on_timer(signum: int, frame: Any) -> None:
-        raise _SoftTimeout
-
-    signal.signal(signal.SIGALRM, on_timer)
+def _worker_init(ready: Any) -> None:
+    """Runs once in each new worker, before it takes an item, so start-up never counts as item time."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble's terminate() must stop C code at once
+    signal.signal(signal.SIGALRM, _on_timer)
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # "Timeout is disabled" etc. are expected here
     _verdict("1", "1")  # warm-up: the first parse compiles regexes and fills SymPy caches (~0.3 s)
-    outbox.send("ready")
-    while True:
+    ready.release()
+
+
+def _judge(answer: str, reference: str, soft_timeout_s: float) -> str:
+    """One item, in a worker: the verdict, or ``wrong`` on the soft timeout or any error."""
+    try:
+        signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
         try:
-            msg = inbox.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        answer, reference, soft_timeout_s = msg
-        verdict = WRONG
-        try:
-            signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
-            try:
-                verdict = _verdict(answer, reference)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except BaseException:  # noqa: BLE001 - _SoftTimeout, RecursionError, MemoryError...: all wrong
-            verdict = WRONG
-        outbox.send(verdict)
+            return _verdict(answer, reference)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except BaseException:  # noqa: BLE001 - _SoftTimeout, RecursionError, MemoryError...: all wrong
+        return WRONG
 
 
 # ------------------------------------------------------------------------------------- parent side
 
 
-class _Worker:
-    """One verifier subprocess, talked to over a pair of pipes wrapped as multiprocessing Connections.
-
-    A plain ``python -c`` subprocess rather than a multiprocessing Process: forking a multi-threaded trainer
-    is unsafe, and the spawn/forkserver start methods re-import the caller's ``__main__``, which breaks
-    unguarded user scripts and notebooks.
-    """
-
-    def __init__(self) -> None:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # same imports as the parent
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOT, str(to_child_r), str(from_child_w)],
-                pass_fds=(to_child_r, from_child_w),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                env=env,
-            )
-        finally:
-            os.close(to_child_r)
-            os.close(from_child_w)
-        self._send = Connection(to_child_w, readable=False)
-        self.conn = Connection(from_child_r, writable=False)
-        self.ready = False
-        self.started = time.monotonic()
-
-    def send(self, msg: Any) -> None:
-        self._send.send(msg)
-
-    def kill(self) -> None:
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        self._send.close()
-        self.conn.close()
-
-
-_WORKER_BOOT = (
-    "import sys; from lit_dash.rewards.math import _worker_entry; _worker_entry(*map(int, sys.argv[1:]))"
-)
-
-
-@dataclass
-class _Slot:
-    """A worker checked out by one call, with the item it is working on (None while warming up)."""
-
-    worker: _Worker
-    idx: int | None = None
-    deadline: float = 0.0
-
-
 class _VerifierPool:
-    """Worker processes shared by all threads; each call checks workers out, so calls never interleave."""
+    """A `pebble <https://pebble.readthedocs.io>`_ process pool of verifier workers, started lazily.
+
+    pebble owns the processes: per-item deadlines (counted from when a worker takes the item), killing a
+    worker that misses one, replacing dead workers, shutting down at exit. What this class adds: spawn
+    (never a fork of a multi-threaded trainer), a warm-up that can be waited for (each worker releases
+    ``ready`` once warm, and every worker pebble replaced is owed one more release), and a fresh pool
+    after a fork or if pebble declares the pool broken.
+    """
 
     def __init__(self, num_workers: int) -> None:
         self.num_workers = num_workers
-        self._cond = threading.Condition()
-        self._idle: list[_Worker] = []
-        self._all: set[_Worker] = set()
-        self._pid: int | None = None
         self.hard_timeouts = 0  # items whose worker had to be killed: a health signal worth logging
+        self._lock = threading.Lock()
+        self._pool: pebble.ProcessPool | None = None
+        self._pid: int | None = None
+        self._ready: Any = None
+        self._started = self._warm = 0  # workers started (replacements included) / seen warm
 
     def after_fork_in_child(self) -> None:
-        """A forked child (e.g. a fork-started data loader) must neither use nor kill the parent's workers."""
-        self._cond = threading.Condition()  # the parent's lock may have been held by another thread
-        self._idle, self._all, self._pid = [], set(), None
+        """A forked child (e.g. a fork-started data loader) must neither use nor stop the parent's pool."""
+        self._lock = threading.Lock()  # the parent's lock may have been held by another thread
+        self._pool, self._pid = None, None
 
-    def _ensure_started(self) -> None:  # caller holds the lock
-        if self._pid == os.getpid():
-            return
-        self._pid = os.getpid()
-        self._idle, self._all = [], set()
-        for _ in range(self.num_workers):
-            self._add_worker()
-
-    def _add_worker(self) -> None:  # caller holds the lock
-        w = _Worker()
-        self._all.add(w)
-        self._idle.append(w)
-        self._cond.notify()
-
-    def _checkout(self, block: bool) -> _Worker | None:
-        with self._cond:
-            self._ensure_started()
-            while not self._idle:
-                if not block:
-                    return None
-                self._cond.wait()
-            return self._idle.pop()
-
-    def _release(self, w: _Worker) -> None:
-        with self._cond:
-            if w in self._all:
-                self._idle.append(w)
-                self._cond.notify()
-
-    def _replace(self, w: _Worker) -> None:
-        w.kill()
-        with self._cond:
-            self._all.discard(w)
-            if self._pid == os.getpid():
-                self._add_worker()
+    def _get(self) -> pebble.ProcessPool:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid() and self._pool.active:
+                return self._pool
+            if self._pool is not None and self._pid == os.getpid():  # broken: pebble gave up on it
+                self._pool.stop()
+            ctx = multiprocessing.get_context("spawn")
+            self._ready = ctx.Semaphore(0)
+            self._pool = pebble.ProcessPool(
+                max_workers=self.num_workers, initializer=_worker_init, initargs=(self._ready,), context=ctx
+            )
+            self._pid, self._started, self._warm = os.getpid(), self.num_workers, 0
+            if not self._pool.active:  # reading it starts the workers now
+                raise RuntimeError("the reward worker pool did not start")
+            return self._pool
 
     def warm_up(self, timeout_s: float) -> None:
-        """Start the workers and wait until every idle one has finished importing and warming up."""
-        with self._cond:
-            self._ensure_started()
-            cold = [w for w in self._idle if not w.ready]
-            for w in cold:
-                self._idle.remove(w)
+        """Start the workers and wait until every one has finished importing and warming up."""
+        self._get()
         deadline = time.monotonic() + timeout_s
-        dead: list[_Worker] = []
-        try:
-            for w in cold:
-                if not w.conn.poll(max(0.0, deadline - time.monotonic())):
-                    raise RuntimeError(f"reward workers did not start within {timeout_s:.0f} s")
-                try:
-                    w.ready = w.conn.recv() == "ready"
-                except (EOFError, OSError):
-                    dead.append(w)
-        finally:
-            for w in cold:
-                if w in dead:
-                    self._replace(w)
-                else:
-                    self._release(w)
-        if dead:
-            raise RuntimeError("a reward worker exited during start-up; check that math_verify imports")
+        while True:
+            with self._lock:
+                if self._warm >= self._started:
+                    return
+                ready = self._ready
+            if not ready.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(
+                    f"reward workers did not start within {timeout_s:.0f} s; "
+                    "check that math_verify imports in a fresh interpreter"
+                )
+            with self._lock:
+                if ready is self._ready:
+                    self._warm += 1
 
     def shutdown(self) -> None:
-        with self._cond:
-            workers, self._all, self._idle, self._pid = list(self._all), set(), [], None
-        for w in workers:
-            w.kill()
+        with self._lock:
+            pool, mine, self._pool, self._pid = self._pool, self._pid == os.getpid(), None, None
+        if pool is not None and mine:
+            pool.stop()
+            pool.join(timeout=10)
 
     def run(self, tasks: list[tuple[str, str]], timeout_s: float) -> list[str]:
-        """Verdicts on ``(answer, reference)`` pairs; each gets ``timeout_s`` of worker time from dispatch
-        (one that misses it is ``wrong``)."""
-        results = [WRONG] * len(tasks)
-        todo = deque(range(len(tasks)))
-        active: dict[Connection, _Slot] = {}
-
-        def dispatch(slot: _Slot) -> None:
-            slot.idx = todo.popleft()
-            answer, reference = tasks[slot.idx]
-            slot.worker.send((answer, reference, max(0.001, _SOFT_FRACTION * timeout_s)))
-            slot.deadline = time.monotonic() + timeout_s
-
-        def start(slot: _Slot) -> None:
-            if slot.worker.ready:
-                dispatch(slot)
-            else:
-                slot.idx, slot.deadline = None, slot.worker.started + _STARTUP_TIMEOUT_S
-
+        """Verdicts on ``(answer, reference)`` pairs, in order; each gets ``timeout_s`` of worker time from
+        when a worker takes it (one that misses it is ``wrong``)."""
+        pool = self._get()
+        soft_s = max(0.001, _SOFT_FRACTION * timeout_s)
+        futures = [pool.schedule(_judge, args=(a, r, soft_s), timeout=timeout_s) for a, r in tasks]
         try:
-            while todo or active:
-                if not todo:  # nothing left to hand out: give back workers that are still warming up
-                    for conn in [c for c, s in active.items() if s.idx is None]:
-                        self._release(active.pop(conn).worker)
-                    if not active:
-                        break
-                warming = sum(1 for s in active.values() if s.idx is None)
-                while len(todo) > warming:
-                    w = self._checkout(block=not active)
-                    if w is None:
-                        break
-                    slot = _Slot(w)
-                    active[w.conn] = slot
-                    start(slot)
-                    warming += slot.idx is None
-                now = time.monotonic()
-                wait_s = max(0.0, min(s.deadline for s in active.values()) - now)
-                if todo:
-                    wait_s = min(wait_s, _POLL_S)
-                for conn in wait(list(active), timeout=wait_s):
-                    slot = active[conn]
-                    try:
-                        msg = conn.recv()
-                    except (EOFError, OSError):  # the worker died (OOM killer, segfault): item scores 0
-                        del active[conn]
-                        self._replace(slot.worker)
-                        continue
-                    if msg == "ready":
-                        slot.worker.ready = True
-                    elif slot.idx is not None:
-                        results[slot.idx] = str(msg)
-                    if todo:
-                        dispatch(slot)
-                    else:
-                        del active[conn]
-                        self._release(slot.worker)
-                now = time.monotonic()
-                for conn, slot in list(active.items()):
-                    if slot.deadline > now:
-                        continue
-                    del active[conn]
-                    self._replace(slot.worker)
-                    if slot.idx is None:
-                        raise RuntimeError(
-                            f"reward worker did not start within {_STARTUP_TIMEOUT_S:.0f} s; "
-                            "check that math_verify imports in a fresh interpreter"
-                        )
-                    self.hard_timeouts += 1
-                    logger.debug(
-                        "reward item %d hit the %.2f s timeout; worker replaced", slot.idx, timeout_s
-                    )
+            # pebble bounds each item once a worker has it; this bounds waiting for workers at all.
+            _, late = cf.wait(futures, timeout=_STARTUP_TIMEOUT_S + len(tasks) * timeout_s)
+            if late:
+                raise RuntimeError(
+                    f"reward workers took no work for {_STARTUP_TIMEOUT_S:.0f} s; "
+                    "check that math_verify imports in a fresh interpreter"
+                )
+            results = []
+            for idx, future in enumerate(futures):
+                error = future.exception()
+                if error is None:
+                    results.append(future.result())
+                    continue
+                results.append(WRONG)
+                if isinstance(error, (TimeoutError, cf.TimeoutError, pebble.ProcessExpired)):
+                    with self._lock:  # pebble killed or lost the worker and starts a replacement
+                        self._started += 1
+                        self.hard_timeouts += not isinstance(error, pebble.ProcessExpired)
+                    logger.debug("reward item %d: %r; worker replaced", idx, error)
+                else:  # e.g. BrokenProcessPool: the next call starts a fresh pool
+                    logger.warning("reward item %d failed in the worker pool: %r", idx, error)
+            return results
         finally:
-            # Only reached with slots left on an exception (e.g. KeyboardInterrupt): a busy worker would
-            # later send a stale answer, so it is replaced rather than returned.
-            for slot in active.values():
-                if slot.idx is None:
-                    self._release(slot.worker)
-                else:
-                    self._replace(slot.worker)
-        return results
+            for future in futures:  # only matters on an exception (e.g. KeyboardInterrupt)
+                future.cancel()
 
 
 def _default_workers() -> int:
