@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lit_dash import console
 from lit_dash.data.formatting import INSTRUCTION, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Engine, SamplingConfig
@@ -120,8 +121,9 @@ class Evaluator:
     def records(self, engine: Engine, reward_fn: RewardFn = default_reward) -> list[dict]:
         """Score every problem, ``batch_size`` problems per engine call."""
         records: list[dict] = []
-        for start in range(0, len(self.problems), self.batch_size):
-            records += self.score_batch(engine, self.problems[start : start + self.batch_size], reward_fn)
+        with console.phase(f"evaluating {self.name}"):
+            for start in range(0, len(self.problems), self.batch_size):
+                records += self.score_batch(engine, self.problems[start : start + self.batch_size], reward_fn)
         return records
 
     def run(

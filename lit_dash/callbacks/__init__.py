@@ -1,8 +1,9 @@
 """Callbacks: checkpoints, weight sync to the engine, held-out evaluation, completion samples, reward audit,
-timing profiles."""
+timing profiles, the progress bar."""
 
 from lit_dash.callbacks.checkpoint import StepCheckpoint
 from lit_dash.callbacks.evaluation import MathEvaluation
+from lit_dash.callbacks.progress import RolloutProgress
 from lit_dash.callbacks.reward_audit import RewardAudit
 from lit_dash.callbacks.samples import CompletionSamples
 from lit_dash.callbacks.timing import TimingProfile
@@ -12,6 +13,7 @@ __all__ = [
     "CompletionSamples",
     "MathEvaluation",
     "RewardAudit",
+    "RolloutProgress",
     "StepCheckpoint",
     "TimingProfile",
     "WeightSync",
