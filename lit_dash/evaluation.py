@@ -92,7 +92,8 @@ class Evaluator:
         prompts = format_prompts(
             problems, engine.tokenizer, style=self.prompt_style, instruction=self.instruction
         )
-        result = engine.generate(prompts, 1, self.sampling)
+        with console.phase(f"evaluating {self.name}"):  # what the progress bar says the engine is doing
+            result = engine.generate(prompts, 1, self.sampling)
         texts = [c.text for c in result.completions]
         rewards = score_completions(reward_fn, texts, problems).tolist()
         verdicts = math_verdicts(
@@ -121,9 +122,8 @@ class Evaluator:
     def records(self, engine: Engine, reward_fn: RewardFn = default_reward) -> list[dict]:
         """Score every problem, ``batch_size`` problems per engine call."""
         records: list[dict] = []
-        with console.phase(f"evaluating {self.name}"):
-            for start in range(0, len(self.problems), self.batch_size):
-                records += self.score_batch(engine, self.problems[start : start + self.batch_size], reward_fn)
+        for start in range(0, len(self.problems), self.batch_size):
+            records += self.score_batch(engine, self.problems[start : start + self.batch_size], reward_fn)
         return records
 
     def run(
