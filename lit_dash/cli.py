@@ -18,6 +18,12 @@ resolved after the command line is merged, so an override reaches the keys that 
 ``--model my_pkg.MyModule`` swaps in a subclass (e.g. a new reward); ``data:`` likewise takes a
 ``class_path:`` (``lit_dash.sft.SftDataModule`` for the SFT baseline), and a ``data:`` block without one
 means ``RolloutDataModule``.
+
+The console: :mod:`lit_dash.console` drops library lines that ask nothing of the user (``LIT_DASH_VERBOSE=1``
+shows them), and a fit gets :class:`~lit_dash.callbacks.RolloutProgress` (a run summary, a bar in steps)
+unless the config lists a progress bar of its own or sets ``trainer.enable_progress_bar: false``.
+Lightning's model summary is off by default (the run summary gives the parameter count);
+``--trainer.enable_model_summary true`` brings it back.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ def _environment() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    from lit_dash import console  # stdlib only: torch is not imported yet
+
+    console.set_environment()
 
 
 def main(args: list[str] | None = None) -> None:
@@ -75,8 +84,13 @@ EPILOG = (
 def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool = True):
     """The LightningCLI object; tests call it with ``args`` to run, or to parse a config only."""
     _environment()
+    from lit_dash import console
+
+    console.quiet()
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
+    from lit_dash.callbacks import RolloutProgress
     from lit_dash.data.datamodule import RolloutDataModule
     from lit_dash.module import DashModule
 
@@ -87,6 +101,23 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
             if instantiate:
                 super().instantiate_classes()
 
+        def instantiate_trainer(self, **kwargs):
+            config = self._get(self.config_init, "trainer", default={})
+            callbacks = config.get("callbacks") or []
+            wanted = config.get("enable_progress_bar") is not False
+            if wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [RolloutProgress(), *callbacks]  # first: its fit start comes first
+            return super().instantiate_trainer(**kwargs)
+
+        def before_fit(self) -> None:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            engine = getattr(getattr(self.datamodule, "engine_config", None), "kind", None)
+            starting = f" and starting the {engine} engine" if engine else ""
+            rank_zero_info(
+                f"[lit_dash] fit: loading {getattr(self.model, 'model_name', 'the model')}{starting}"
+            )
+
     return DashCLI(
         DashModule,
         RolloutDataModule,
@@ -95,7 +126,8 @@ def build_cli(args: list[str] | None = None, run: bool = True, instantiate: bool
         parser_kwargs={"parser_mode": "omegaconf+", "epilog": EPILOG},
         auto_configure_optimizers=False,  # the manual loop steps configure_optimizers' optimizer and schedule
         save_config_kwargs={"overwrite": True},
-        args=args,  # None: sys.argv
+        trainer_defaults={"enable_model_summary": False},
+        args=args,  # None: LightningCLI reads sys.argv itself
         run=run,
     )
 

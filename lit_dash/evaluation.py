@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lit_dash import console
 from lit_dash.data.formatting import INSTRUCTION, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Engine, SamplingConfig
@@ -169,7 +170,8 @@ class Evaluator:
         prompts = format_prompts(
             problems, engine.tokenizer, style=self.prompt_style, instruction=self.instruction
         )
-        result = engine.generate(prompts, 1, self.sampling)
+        with console.phase(f"evaluating {self.name}"):  # what the progress bar says the engine is doing
+            result = engine.generate(prompts, 1, self.sampling)
         texts = [c.text for c in result.completions]
         rewards = score_completions(reward_fn, texts, problems).tolist()
         verdicts = math_verdicts(

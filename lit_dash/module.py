@@ -528,9 +528,6 @@ class DashModule(L.LightningModule):
             f"({self.nonfinite_in_a_row} in a row, the run stops at {self.hparams.max_nonfinite_steps})"
         )
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # a batch is a list of Problems (text), not tensors; rollouts move themselves
-
     def training_step(self, problems: list[Problem], batch_idx: int) -> None:
         self.phase_seconds = {}
         rollout = self.trainer.datamodule.rollout(problems, self.reward)

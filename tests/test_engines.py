@@ -115,6 +115,8 @@ def test_weight_push_into_bf16_engine_is_quiet(tiny_engine_bf16, tiny_model_path
     records = _Records()
     vllm_logger = logging.getLogger("vllm")
     vllm_logger.addHandler(records)
+    level = vllm_logger.level
+    vllm_logger.setLevel(logging.WARNING)  # lit_dash.console raises vLLM's to ERROR; these read warnings
     try:
         tiny_engine_bf16.load_weights(state.items())
         assert not [m for m in records.messages if "Attempted to load weight" in m or "Failed to load" in m]
@@ -139,6 +141,7 @@ def test_weight_push_into_bf16_engine_is_quiet(tiny_engine_bf16, tiny_model_path
         assert any("RotaryEmbedding: Failed to load weights" in m for m in records.messages)
     finally:
         vllm_logger.removeHandler(records)
+        vllm_logger.setLevel(level)
         tiny_engine_bf16.load_weights(state.items())
     assert tiny_engine_bf16.dtype == torch.bfloat16
 

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
+from lit_dash import console
 from lit_dash.data.buffer import ROLLOUT_MODES, Rollout, RolloutBuffer
 from lit_dash.data.formatting import INSTRUCTION, PROMPT_STYLES, format_prompts
 from lit_dash.data.records import Problem
@@ -362,6 +363,7 @@ class RolloutDataModule(L.LightningDataModule):
     # ---- set-up -------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        console.quiet()  # library use (a plain Trainer) gets the CLI's console too
         module = self.trainer.lightning_module if self.trainer is not None else None
         if self.engine is None and hasattr(module, "model_name"):  # before any model or data is loaded
             self.check_model_context(module.model_name, getattr(module.hparams, "model_cache", None))
@@ -558,6 +560,11 @@ class RolloutDataModule(L.LightningDataModule):
         problems = [self.refill_stream.batch(k)[0] for k in range(start, start + num_prompts)]
         self.refill_prompts_consumed += num_prompts
         return problems, format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # a batch is a list of (frozen) Problems, text that Lightning's default cannot copy; rollouts move
+        # their tensors themselves. Here rather than on the module: the datamodule makes these batches
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Lightning calls this for the batch a training step is about to take, after its one-batch

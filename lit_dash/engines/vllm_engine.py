@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
+from lit_dash import console
 from lit_dash.engines.base import Completion, Engine, GenerationResult, SamplingConfig
 from lit_dash.hardware import resolve_dtype
 
@@ -106,6 +107,7 @@ class VLLMEngine(Engine):
         block_size: int | None = None,
     ) -> None:
         vllm = _import_vllm()
+        console.quiet()  # vLLM set its loggers' levels on import
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = str(resolve_dtype(dtype, device)).removeprefix("torch.")
         if device == "cuda":
@@ -124,8 +126,12 @@ class VLLMEngine(Engine):
             enable_prefix_caching=prefix_caching,
             **({} if block_size is None else {"block_size": block_size}),
             logprobs_mode=logprobs_mode,
+            use_tqdm_on_load=console.verbose(),
         )
-        torch.set_num_threads(threads)  # vLLM drops torch to one thread "for serving"; training needs all
+        if torch.get_num_threads() != threads:  # training needs every thread vLLM may have taken
+            # on CPU, vLLM binds its threads and then refuses set_num_threads (with a warning): measured
+            # on 2 cores, torch keeps both there, so this is for the backends that drop to one
+            torch.set_num_threads(threads)
         self._vllm = vllm
         self.tokenizer = self._llm.get_tokenizer()
         self.dtype = self._llm.llm_engine.model_config.dtype  # pushed weights are cast to it
@@ -147,7 +153,7 @@ class VLLMEngine(Engine):
             logprobs=0 if want_logprobs else None,
         )
         start = time.perf_counter()
-        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._llm.generate(prompts, params, use_tqdm=console.engine_progress())
         seconds = time.perf_counter() - start
         completions: list[Completion] = []
         for index, out in enumerate(outputs):
