@@ -15,7 +15,10 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
@@ -69,7 +72,8 @@ class DashModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up (optimizer steps).
         lr_schedule: linear (decay to 0 at trainer.max_steps) or constant.
-        max_grad_norm: gradient-norm clip; null disables.
+        max_grad_norm: clip the gradient to this norm, the norm of the whole model's gradient over all ranks
+            (FSDP: all shards together); null disables. train/grad_norm logs the norm before clipping.
         kl_coef: weight of the KL penalty to the frozen initial model; 0 loads no reference model.
         kl_estimator: k1, k2 or k3 (per token).
         loss_agg: constant (Dr. GRPO / the paper: sum / (completions x max_new_tokens)),
@@ -169,6 +173,10 @@ class DashModule(L.LightningModule):
             errors.append(f"update must be one of {UPDATE_MODES}, got {update!r}")
         if normalize_over not in NORMALIZE_OVER:
             errors.append(f"normalize_over must be one of {NORMALIZE_OVER}, got {normalize_over!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            errors.append(
+                f"max_grad_norm must be > 0 (a gradient norm) or null (no clipping), got {max_grad_norm}"
+            )
         if max_rollouts is not None and max_rollouts < 1:
             errors.append(f"max_rollouts must be >= 1 (rollouts) or null, got {max_rollouts}")
         if lr_schedule not in ("linear", "constant"):
@@ -273,6 +281,14 @@ class DashModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.apply_rollout_budget()
+            if self.hparams.max_grad_norm is not None and isinstance(
+                self.trainer.strategy, DeepSpeedStrategy
+            ):
+                raise ConfigError(
+                    f"model.max_grad_norm={self.hparams.max_grad_norm} cannot clip under DeepSpeed: ZeRO keeps "
+                    "the gradients in its own partitions and clips them itself (its gradient_clipping setting); "
+                    "set model.max_grad_norm: null"
+                )
 
     # ---- the reward hook ----------------------------------------------------------------------------
 
@@ -529,8 +545,7 @@ class DashModule(L.LightningModule):
         """Clip and step; a non-finite loss or gradient norm skips the update (the grads are dropped)."""
         optimizer = self.optimizers()
         start = time.perf_counter()
-        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+        grad_norm = self._clip_gradients(optimizer)
         nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False):  # every rank skips together
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
@@ -542,6 +557,28 @@ class DashModule(L.LightningModule):
         self.lr_schedulers().step()
         self._add_time("optimizer", time.perf_counter() - start)
         return grad_norm
+
+    def _clip_gradients(self, optimizer) -> float:
+        """Clip to ``max_grad_norm`` by the norm of the whole model's gradient, all ranks' shards together,
+        and return that norm before clipping (logged as train/grad_norm).
+
+        DDP / one process: every rank holds the full (all-reduced) gradient, so the local norm is the
+        global one; Lightning clips (``clip_gradients``: the precision plugin; DTensor gradients under
+        ModelParallelStrategy reduce their norm over the mesh). FSDP: each rank holds a shard of each
+        gradient, torch's clip would scale every rank by its own shard's norm, and Lightning's Trainer
+        refuses norm clipping there; the root FSDP module's ``clip_grad_norm_`` all-reduces the norm.
+        """
+        max_norm = self.hparams.max_grad_norm
+        root = self.trainer.strategy.model
+        if isinstance(root, FullyShardedDataParallel):
+            return float(root.clip_grad_norm_(max_norm if max_norm is not None else math.inf))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if max_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        return float(norm)
 
     def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
         self.nonfinite_steps += 1
