@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.utilities.types import GradClipAlgorithmType
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
 
