@@ -6,7 +6,8 @@ vocabulary, tied embeddings), saves it to a temporary folder and runs the real t
 backward, in float32 on the CPU, for a micro-batch of ``--rows`` completions of ``--prompt`` prompt +
 ``--completion`` completion tokens. Each configuration (completion length x ``logprob_chunk_tokens``) runs
 in its own subprocess, so peaks do not mix: one warm-up step, then the peak resident memory is reset
-(``/proc/self/clear_refs``) and the measured step's ``VmHWM - VmRSS`` before it is the peak it added.
+(``/proc/self/clear_refs``) and the measured step's ``VmHWM - VmRSS`` before it is the peak it added
+(with glibc's mmap threshold fixed at 64 KiB, so freed tensors leave the resident set).
 
 An unchunked configuration whose estimated footprint (5 float32 copies of its ``[tokens, vocab]`` logits:
 the logits, their tempered copy kept for backward, and the entropy's log-softmax, exp and product) is over
@@ -30,6 +31,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
+# A fixed glibc mmap threshold: every allocation over 64 KiB is its own mapping, returned to the system when
+# freed, so resident memory follows the live tensors. (By default the threshold grows after the first large
+# free and freed tensors stay resident in malloc's heap: peaks then depend on what ran before.)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def status_mib() -> dict[str, float]:
@@ -151,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
                 cmd += ["--temperature", str(args.temperature)]
                 env = {
                     **os.environ,
+                    **MALLOC_ENV,
                     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                 }
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
