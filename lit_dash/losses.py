@@ -31,11 +31,13 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "aggregate_loss",
+    "chunked_logprobs_and_entropy",
     "entropy_from_logits",
     "filter_mask",
     "global_loss_counts",
@@ -422,6 +424,65 @@ def token_logprobs(
         picked = chunk.gather(-1, ids[rows]).squeeze(-1)
         out.append(picked - torch.logsumexp(chunk, dim=-1))
     return torch.cat(out, dim=0)
+
+
+def chunked_logprobs_and_entropy(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    token_ids: Tensor,
+    chunk_tokens: int | None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) of tokens from final hidden states, ``chunk_tokens`` tokens at a time.
+
+    Shapes: ``hidden [N, H]`` (the hidden state that predicts each of the N tokens), ``token_ids [N]``
+    (integer), ``head``: ``[n, H] -> [n, V]`` (the LM head) -> ``(logprobs [N], entropy [N] or None)`` in
+    float32 (float64 if the head gives float64).
+
+    The same numbers as :func:`token_logprobs` and :func:`entropy_from_logits` on ``head(hidden)``:
+    ``log_softmax(head(h) / T)`` in (at least) float32, the target's entry gathered, entropy
+    ``-sum_v p_v log p_v`` (detached: a monitoring figure). But the ``[N, V]`` logits never exist at once:
+    each chunk of ``chunk_tokens`` tokens runs the head, the upcast and the log-softmax on its own, so the
+    peak grows with ``chunk_tokens x V``, not ``N x V`` (8 x 2048 completion tokens of a 152k vocabulary:
+    10 GB per float32 copy). When gradients are on, each chunk runs under
+    ``torch.utils.checkpoint`` (non-reentrant), so autograd keeps only ``[chunk, H]`` inputs and
+    ``[chunk]`` outputs, and recomputes the chunk's logits in backward (one more LM-head matmul).
+
+    ``chunk_tokens`` None or 0: one chunk of all N tokens, no checkpoint (the unchunked computation).
+    """
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
+    if token_ids.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids.shape)} does not match hidden [N] {hidden.shape[0]}"
+        )
+    if chunk_tokens is not None and chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be >= 1 (tokens), or 0 / None for one chunk, got {chunk_tokens}")
+    temperature = logprob_temperature(temperature)
+    ids = token_ids.long()
+
+    def one_chunk(h: Tensor, chunk_ids: Tensor) -> tuple[Tensor, Tensor]:
+        logp = torch.log_softmax(_tempered(_upcast(head(h)), temperature), dim=-1)
+        picked = logp.gather(-1, chunk_ids.unsqueeze(-1)).squeeze(-1)
+        if not with_entropy:
+            return picked, picked.new_zeros(())
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(dim=-1)
+        return picked, entropy
+
+    n = hidden.shape[0]
+    chunked = bool(chunk_tokens) and n > 0
+    recompute = chunked and torch.is_grad_enabled() and hidden.requires_grad
+    logprobs, entropies = [], []
+    for tokens in _row_chunks(n, chunk_tokens if chunked else None):
+        if recompute:
+            picked, entropy = checkpoint(one_chunk, hidden[tokens], ids[tokens], use_reentrant=False)
+        else:
+            picked, entropy = one_chunk(hidden[tokens], ids[tokens])
+        logprobs.append(picked)
+        entropies.append(entropy)
+    return torch.cat(logprobs), (torch.cat(entropies) if with_entropy else None)
 
 
 # --------------------------------------------------------------------------------------------------------

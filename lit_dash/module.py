@@ -15,7 +15,10 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
@@ -70,7 +73,8 @@ class DashModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up (optimizer steps).
         lr_schedule: linear (decay to 0 at trainer.max_steps) or constant.
-        max_grad_norm: gradient-norm clip; null disables.
+        max_grad_norm: clip the gradient to this norm, the norm of the whole model's gradient over all ranks
+            (FSDP: all shards together); null disables. train/grad_norm logs the norm before clipping.
         kl_coef: weight of the KL penalty to the frozen initial model; 0 loads no reference model.
         kl_estimator: k1, k2 or k3 (per token).
         loss_agg: constant (Dr. GRPO / the paper: sum / (completions x max_new_tokens)),
@@ -115,6 +119,11 @@ class DashModule(L.LightningModule):
             min(pi_old / pi_engine, tis_cap) (detached), correcting for an engine that samples from a
             slightly different distribution than the trainer computes (a bf16 engine beside an fp32
             trainer, large train/engine_logprob_gap); null (default) leaves the loss as it is.
+        logprob_chunk_tokens: completion tokens per chunk of the LM head + log-softmax (log-probs, entropy,
+            KL's reference, PPO's old log-probs): each chunk's ``[chunk, V]`` logits are recomputed in
+            backward instead of kept, so a micro-batch's peak grows with chunk x vocabulary, not its
+            tokens x vocabulary (8 x 2048 tokens of Qwen's 152k vocabulary: 10 GB per float32 copy).
+            0 or null: unchunked (all ``[N, V]`` logits at once, kept for backward; a little faster).
 
     Log-probs, entropy, KL and the PPO ratio are all computed at the rollout's sampling temperature T
     (``log_softmax(logits / T)``; T = 0, greedy, counts as 1), from the full softmax: top-k / top-p
@@ -150,6 +159,7 @@ class DashModule(L.LightningModule):
         parity_check: str = "warn",
         parity_threshold: float | None = None,
         tis_cap: float | None = None,
+        logprob_chunk_tokens: int | None = 1024,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -164,6 +174,10 @@ class DashModule(L.LightningModule):
             errors.append(f"update must be one of {UPDATE_MODES}, got {update!r}")
         if normalize_over not in NORMALIZE_OVER:
             errors.append(f"normalize_over must be one of {NORMALIZE_OVER}, got {normalize_over!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            errors.append(
+                f"max_grad_norm must be > 0 (a gradient norm) or null (no clipping), got {max_grad_norm}"
+            )
         if max_rollouts is not None and max_rollouts < 1:
             errors.append(f"max_rollouts must be >= 1 (rollouts) or null, got {max_rollouts}")
         if lr_schedule not in ("linear", "constant"):
@@ -176,6 +190,11 @@ class DashModule(L.LightningModule):
             errors.append(f"parity_check must be one of {PARITY_CHECKS}, got {parity_check!r}")
         if parity_threshold is not None and not parity_threshold > 0:
             errors.append(f"parity_threshold must be > 0 (nats per token) or null, got {parity_threshold}")
+        if logprob_chunk_tokens is not None and logprob_chunk_tokens < 0:
+            errors.append(
+                f"logprob_chunk_tokens must be >= 1 (tokens per LM-head chunk), or 0 / null (unchunked), "
+                f"got {logprob_chunk_tokens}"
+            )
         if tis_cap is not None and not tis_cap > 0:
             errors.append(f"tis_cap must be > 0 (a ratio cap, e.g. 2.0) or null (no TIS), got {tis_cap}")
         if errors:
@@ -264,6 +283,14 @@ class DashModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.apply_rollout_budget()
+            if self.hparams.max_grad_norm is not None and isinstance(
+                self.trainer.strategy, DeepSpeedStrategy
+            ):
+                raise ConfigError(
+                    f"model.max_grad_norm={self.hparams.max_grad_norm} cannot clip under DeepSpeed: ZeRO keeps "
+                    "the gradients in its own partitions and clips them itself (its gradient_clipping setting); "
+                    "set model.max_grad_norm: null"
+                )
 
     # ---- the reward hook ----------------------------------------------------------------------------
 
@@ -302,18 +329,50 @@ class DashModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def completion_hidden(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states at completion positions only, ``[N, H]`` for the N completion tokens (the
+        state that predicts each), and their targets ``[N]``."""
+        ids = mb.input_ids.to(self.device)
+        with self._autocast():
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mb.attention_mask.to(self.device))
+        positions = mb.completion_mask.to(self.device) > 0
+        return hidden.last_hidden_state[:, :-1][positions], ids[:, 1:][positions]
+
     def completion_logits(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at completion positions only, ``[N, V]`` for the N completion tokens, and their targets.
 
         The vocabulary projection and log-softmax dominate a small model's step (49k vocab); prompt
         positions never need them, so the LM head runs on the N completion positions alone.
         """
-        ids = mb.input_ids.to(self.device)
+        hidden, targets = self.completion_hidden(model, mb)
         with self._autocast():
-            hidden = model.get_decoder()(input_ids=ids, attention_mask=mb.attention_mask.to(self.device))
-            positions = mb.completion_mask.to(self.device) > 0
-            logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][positions])
-        return logits, ids[:, 1:][positions]
+            return model.get_output_embeddings()(hidden), targets
+
+    def completion_logprobs(
+        self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``model``'s log-probs of the N completion tokens at the sampling temperature, ``[N]``, and with
+        ``with_entropy`` their entropies (detached). With ``logprob_chunk_tokens`` the LM head and the
+        log-softmax run on that many tokens at a time (recomputed in backward), so no ``[N, V]`` logits
+        are kept; null / 0 computes (and autograd keeps) the full ``[N, V]`` logits."""
+        temperature = mb.temperature
+        chunk = self.hparams.logprob_chunk_tokens
+        if not chunk:
+            logits, targets = self.completion_logits(model, mb)
+            logprobs = losses.token_logprobs(logits[None], targets[None], temperature=temperature)[0]
+            entropy = None
+            if with_entropy:
+                with torch.no_grad():
+                    entropy = losses.entropy_from_logits(logits.detach()[None], temperature=temperature)[0]
+            return logprobs, entropy
+        hidden, targets = self.completion_hidden(model, mb)
+        lm_head = model.get_output_embeddings()
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            with self._autocast():  # re-entered when the checkpoint recomputes the chunk in backward
+                return lm_head(h)
+
+        return losses.chunked_logprobs_and_entropy(hidden, head, targets, chunk, temperature, with_entropy)
 
     def _scatter(self, values: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         out = values.new_zeros(mb.completion_mask.shape, device=self.device)
@@ -323,24 +382,14 @@ class DashModule(L.LightningModule):
     def forward(self, micro_batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and entropies at the sampling temperature (``logits / T``), ``[b, L-1]``,
         zero outside the completion positions."""
-        logits, targets = self.completion_logits(self.policy, micro_batch)
-        temperature = micro_batch.temperature
-        logprobs = losses.token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0), temperature=temperature)[
-            0
-        ]
-        with torch.no_grad():
-            entropy = losses.entropy_from_logits(logits.detach().unsqueeze(0), temperature=temperature)[0]
+        logprobs, entropy = self.completion_logprobs(self.policy, micro_batch, with_entropy=True)
         return self._scatter(logprobs, micro_batch), self._scatter(entropy, micro_batch)
 
     @torch.no_grad()
     def _logprobs_of(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
         """``model``'s log-probs of the completion tokens at the sampling temperature (policy for PPO's
         old log-probs, reference for the KL)."""
-        logits, targets = self.completion_logits(model, mb)
-        logprobs = losses.token_logprobs(
-            logits.unsqueeze(0), targets.unsqueeze(0), temperature=mb.temperature
-        )
-        return self._scatter(logprobs[0], mb)
+        return self._scatter(self.completion_logprobs(model, mb)[0], mb)
 
     def _add_time(self, phase: str, seconds: float) -> None:
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
@@ -498,8 +547,7 @@ class DashModule(L.LightningModule):
         """Clip and step; a non-finite loss or gradient norm skips the update (the grads are dropped)."""
         optimizer = self.optimizers()
         start = time.perf_counter()
-        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+        grad_norm = self._clip_gradients(optimizer)
         nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False):  # every rank skips together
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
@@ -511,6 +559,28 @@ class DashModule(L.LightningModule):
         self.lr_schedulers().step()
         self._add_time("optimizer", time.perf_counter() - start)
         return grad_norm
+
+    def _clip_gradients(self, optimizer) -> float:
+        """Clip to ``max_grad_norm`` by the norm of the whole model's gradient, all ranks' shards together,
+        and return that norm before clipping (logged as train/grad_norm).
+
+        DDP / one process: every rank holds the full (all-reduced) gradient, so the local norm is the
+        global one; Lightning clips (``clip_gradients``: the precision plugin; DTensor gradients under
+        ModelParallelStrategy reduce their norm over the mesh). FSDP: each rank holds a shard of each
+        gradient, torch's clip would scale every rank by its own shard's norm, and Lightning's Trainer
+        refuses norm clipping there; the root FSDP module's ``clip_grad_norm_`` all-reduces the norm.
+        """
+        max_norm = self.hparams.max_grad_norm
+        root = self.trainer.strategy.model
+        if isinstance(root, FullyShardedDataParallel):
+            return float(root.clip_grad_norm_(max_norm if max_norm is not None else math.inf))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if max_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        return float(norm)
 
     def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
         self.nonfinite_steps += 1

@@ -32,3 +32,22 @@ def test_dash_vs_grpo_reports_table_plot_and_ratio(tmp_path):
         assert Path(r["timing_csv"]).is_file()
         assert sum(r["phases"].values()) == pytest.approx(r["total_s_per_step"], rel=1e-6)
     assert (out / "dash_vs_grpo.png").stat().st_size > 10_000
+
+
+def test_logprob_memory_benchmark_smoke(tmp_path):
+    """Small shapes: each configuration runs in its own process and reports its peak; the chunked one adds
+    far less than the unchunked one, and an unchunked one over the memory budget is skipped, not run."""
+    out = tmp_path / "logprob_memory.json"
+    cmd = [sys.executable, "benchmarks/logprob_memory.py", "--vocab", "20000", "--rows", "2", "--prompt", "8"]
+    cmd += ["--completions", "128,1024", "--chunks", "0,32", "--max-unchunked-gib", "0.1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 128 | 256 | unchunked |" in proc.stdout and "| 128 | 256 | 32 |" in proc.stdout
+    rows = {(r["completion_tokens"], r["chunk_tokens"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {(128, 0), (128, 32), (1024, 0), (1024, 32)}
+    assert rows[128, 0]["tokens"] == rows[128, 32]["tokens"] == 256
+    # unchunked: 256 tokens x 20000 x 4 bytes = 20 MiB per float32 copy of the logits, several of them
+    assert rows[128, 0]["peak_added_mib"] > 40
+    assert rows[128, 32]["peak_added_mib"] < rows[128, 0]["peak_added_mib"] / 3
+    assert "skipped" in rows[1024, 0] and "seconds" not in rows[1024, 0]  # 5 x 2048 x 20000 x 4 B > 0.1 GiB
+    assert rows[1024, 32]["seconds"] > 0

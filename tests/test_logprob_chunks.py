@@ -1,0 +1,144 @@
+"""Token-chunked log-probs and entropy (``model.logprob_chunk_tokens``): the LM head and the log-softmax run
+on a few tokens at a time under a checkpoint, and give the unchunked values and gradients to fp32
+precision; the global gradient clip goes through the strategy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_dash import losses
+from lit_dash.data.buffer import pad_micro_batch
+from lit_dash.module import DashModule
+
+TEMPERATURE = 1.3
+
+
+def _micro_batch() -> object:
+    """Three rows of unequal lengths (17 completion tokens in all), right-padded."""
+    prompts = [[1, 5, 9], [1, 7], [1, 4, 4, 8]]
+    completions = [[11, 12, 13, 40, 41], [14, 15, 16, 17, 90, 91, 92], [20, 21, 22, 23, 24]]
+    return pad_micro_batch(
+        list(zip(prompts, completions, strict=True)),
+        0,
+        torch.tensor([1.0, -0.5, 0.25]),
+        [0, 1, 2],
+        temperature=TEMPERATURE,
+    )
+
+
+@pytest.fixture(scope="module")
+def module() -> DashModule:
+    module = DashModule(model="tiny-llama", precision="float32", kl_coef=0.0, logprob_chunk_tokens=None)
+    module.configure_model()
+    return module
+
+
+def _values_and_grads(module: DashModule, chunk: int | None, mb) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """log-probs, entropies and the gradient of an advantage-weighted sum of log-probs + a KL-like
+    square, w.r.t. every policy parameter (a loss that reaches every chunk with different weights)."""
+    module.hparams.logprob_chunk_tokens = chunk
+    module.policy.zero_grad(set_to_none=True)
+    logprobs, entropy = module(mb)
+    weights = torch.linspace(-1.0, 2.0, logprobs.numel()).view_as(logprobs) * mb.completion_mask
+    loss = (weights * logprobs).sum() + 0.1 * (logprobs * mb.completion_mask).square().sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.policy.named_parameters()}
+    return logprobs.detach(), entropy, grads
+
+
+def _assert_same(a, b) -> None:
+    (lp_a, h_a, g_a), (lp_b, h_b, g_b) = a, b
+    # fp32 rounding of a 49k-term log-sum-exp (values near 11 nats): about 1e-6 relative
+    torch.testing.assert_close(lp_a, lp_b, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(h_a, h_b, rtol=2e-6, atol=1e-6)
+    # Gradients: chunking only changes the order of fp32 sums (the LM head's weight gradient is a sum of
+    # per-chunk products instead of one matmul; the same chunking run twice is bit-identical), which
+    # moves them by up to ~4e-6 of each tensor's largest entry at chunk 1 on this model; 1e-5 bounds that.
+    assert g_a.keys() == g_b.keys()
+    for name in g_a:
+        scale = float(g_b[name].abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(g_a[name], g_b[name], rtol=0, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16, 1024])  # 17 tokens: ragged last chunk, one chunk, > N
+def test_chunked_logprobs_entropy_and_gradients_equal_unchunked(module, chunk):
+    mb = _micro_batch()
+    full = _values_and_grads(module, None, mb)
+    assert full[1].abs().sum() > 0 and all(g.abs().sum() > 0 for g in full[2].values())
+    _assert_same(_values_and_grads(module, chunk, mb), full)
+    # the no-grad paths (PPO's old log-probs, the KL's reference, the parity probe) agree as well
+    module.hparams.logprob_chunk_tokens = chunk
+    torch.testing.assert_close(module._logprobs_of(module.policy, mb), full[0], rtol=2e-6, atol=1e-6)
+
+
+def test_a_wrong_chunk_fails_the_comparison(module, monkeypatch):
+    """Negative control: a chunked path that forgets the temperature in one chunk (or shifts that chunk's
+    targets by one) is caught by the same comparison."""
+    mb = _micro_batch()
+    full = _values_and_grads(module, None, mb)
+    real = losses.chunked_logprobs_and_entropy
+
+    def wrong_temperature(hidden, head, ids, chunk, temperature, with_entropy):
+        lp, h = real(hidden, head, ids, chunk, temperature, with_entropy)
+        lp2, h2 = real(hidden[4:8], head, ids[4:8], chunk, 1.0, with_entropy)  # second chunk at T = 1
+        return torch.cat([lp[:4], lp2, lp[8:]]), torch.cat([h[:4], h2, h[8:]])
+
+    def shifted_targets(hidden, head, ids, chunk, temperature, with_entropy):
+        ids = ids.clone()
+        ids[4:8] = ids[5:9].clone()  # one chunk predicts the token after its own
+        return real(hidden, head, ids, chunk, temperature, with_entropy)
+
+    for wrong in (wrong_temperature, shifted_targets):
+        monkeypatch.setattr(losses, "chunked_logprobs_and_entropy", wrong)
+        with pytest.raises(AssertionError):
+            _assert_same(_values_and_grads(module, 4, mb), full)
+    monkeypatch.setattr(losses, "chunked_logprobs_and_entropy", real)
+    _assert_same(_values_and_grads(module, 4, mb), full)
+
+
+def test_chunks_do_not_keep_their_logits_for_backward():
+    """Under the checkpoint autograd keeps only the chunk inputs and outputs: the saved tensors of the
+    chunked graph hold no ``[chunk, V]`` logits, the unchunked one holds ``[N, V]`` ones."""
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 64, 8, 1000
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    ids = torch.randint(0, vocab, (n,))
+
+    def saved_elements(chunk):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lp, _ = losses.chunked_logprobs_and_entropy(hidden, head, ids, chunk, temperature=0.7)
+        return lp, max(sizes)
+
+    lp_full, biggest_full = saved_elements(None)
+    lp_chunked, biggest_chunked = saved_elements(16)
+    assert biggest_full >= n * vocab  # the unchunked graph keeps [N, V]
+    assert biggest_chunked < 16 * vocab  # the chunked one not even one chunk's logits
+    torch.testing.assert_close(lp_chunked, lp_full, rtol=0, atol=1e-6)
+    # hand values: uniform logits (zero head) give log(1/V) and entropy log(V) at any temperature
+    zero = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
+    zero.weight.zero_()
+    lp, h = losses.chunked_logprobs_and_entropy(hidden, zero, ids, 7, temperature=1.3)
+    torch.testing.assert_close(lp, torch.full((n,), -math.log(vocab)))
+    torch.testing.assert_close(h, torch.full((n,), math.log(vocab)))
+
+
+def test_bad_chunk_settings():
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        losses.chunked_logprobs_and_entropy(torch.zeros(2, 3), lambda h: h, torch.zeros(2), -1)
+    with pytest.raises(ValueError, match="token_ids shape"):
+        losses.chunked_logprobs_and_entropy(torch.zeros(2, 3), lambda h: h, torch.zeros(3), 1)
+    from lit_dash.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="logprob_chunk_tokens must be >= 1"):
+        DashModule(model="tiny-llama", logprob_chunk_tokens=-5)
