@@ -162,8 +162,14 @@ def export_checkpoint(
 
     target = export_dtype(dtype)  # bad dtype: fail before loading anything
     ckpt = load_checkpoint(ckpt_path)
-    state = policy_state(ckpt["state_dict"])
     hparams = ckpt.get("hyper_parameters") or {}
+    if hparams.get("lora"):  # an adapter-only checkpoint: the base with its adapters merged in
+        from lit_dash.lora import merged_model_from_checkpoint
+
+        merged = merged_model_from_checkpoint(ckpt)
+        base = resolve_model(checkpoint_model_name(ckpt, model, config), hparams.get("model_cache"))
+        return save_policy(merged, out, base, dtype=target)
+    state = policy_state(ckpt["state_dict"])
     base = resolve_model(checkpoint_model_name(ckpt, model, config), hparams.get("model_cache"))
     policy = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     result = policy.load_state_dict(state, strict=False)

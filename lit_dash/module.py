@@ -12,11 +12,12 @@ import contextlib
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -29,6 +30,7 @@ from lit_dash.data.records import Problem
 from lit_dash.errors import ConfigError, RunStopped
 from lit_dash.evaluation import EvalResult, shard, summarize, unshard, write_jsonl
 from lit_dash.hardware import resolve_dtype
+from lit_dash.lora import apply_lora, is_lora, lora_config, parameter_bytes
 from lit_dash.models import check_model_name, resolve_model
 from lit_dash.rewards import math_rewards
 from lit_dash.world_metrics import world_values
@@ -115,6 +117,12 @@ class DashModule(L.LightningModule):
         parity_threshold: mean absolute log-prob gap per token (nats) that counts as a mismatch; null:
             0.02 when the trainer (precision) and the engine (dtype) both compute in float32 and sampling
             has no top-k / top-p, else 0.1.
+        lora: LoRA adapters (peft): ``{r, alpha, dropout, target_modules}`` (defaults 16, 2r, 0.0, the
+            seven attention and MLP projections); only the adapters train and get optimizer state, the
+            engine serves base + adapter (merged weights of the adapted modules, pushed each step), a
+            checkpoint holds the adapters alone, and with kl_coef > 0 the reference is the base with the
+            adapters disabled (no second model). null (default): full fine-tuning. Keep dropout 0 with
+            the parity guard: dropout noise counts in the trainer's side of the gap.
         tis_cap: truncated importance sampling: weight each token's policy-gradient term by
             min(pi_old / pi_engine, tis_cap) (detached), correcting for an engine that samples from a
             slightly different distribution than the trainer computes (a bf16 engine beside an fp32
@@ -160,6 +168,7 @@ class DashModule(L.LightningModule):
         parity_threshold: float | None = None,
         tis_cap: float | None = None,
         logprob_chunk_tokens: int | None = 1024,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -199,6 +208,8 @@ class DashModule(L.LightningModule):
             errors.append(f"tis_cap must be > 0 (a ratio cap, e.g. 2.0) or null (no TIS), got {tis_cap}")
         if errors:
             raise ConfigError("model configuration: " + "; ".join(errors))
+        if lora is not None:
+            lora_config(lora)  # a bad adapter spec fails here, before any model is loaded
         check_model_name(model)  # unknown alias / missing path: fail before anything is loaded
         self.model_name = model
         self.lr = lr
@@ -236,9 +247,47 @@ class DashModule(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.policy.config.use_cache = False
-        if self.kl_coef > 0:
+        if self.hparams.lora is not None:
+            self._configure_lora()
+        elif self.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(self.model_path(), dtype=torch.float32)
             self.reference.requires_grad_(False).eval()
+
+    def _configure_lora(self) -> None:
+        """Wrap the policy in peft's LoRA; the frozen base doubles as the KL reference."""
+        if self.hparams.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need a grad input
+            self.policy.enable_input_require_grads()
+        self.policy = apply_lora(self.policy, self.hparams.lora)
+        trainable = parameter_bytes(self.policy, trainable=True)
+        frozen = parameter_bytes(self.policy, trainable=False)
+        saved = f"; reference = base with adapters disabled, {frozen / 2**20:.0f} MiB not loaded twice"
+        rank_zero_info(
+            f"[lit_dash] LoRA: {trainable / 2**20:.1f} MiB of adapters train, {frozen / 2**20:.0f} MiB of "
+            f"base frozen{saved if self.kl_coef > 0 else ''}"
+        )
+
+    @property
+    def lora(self) -> bool:
+        """Whether the policy trains LoRA adapters (model.lora set)."""
+        return is_lora(self.policy)
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """The KL reference: the frozen copy, or under LoRA the policy with its adapters disabled."""
+        if self.lora:
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            yield self.reference
+
+    def policy_for_export(self) -> torch.nn.Module:
+        """The policy as a plain transformers model: itself, or under LoRA a merged copy (the trainer's
+        model stays unmerged). lit_dash.lora.merged_state_dict gives the merged weights alone."""
+        if self.lora:
+            from lit_dash.lora import merged_model
+
+            return merged_model(self.policy)
+        return self.policy
 
     def _autocast(self):
         dtype = resolve_dtype(self.hparams.precision, self.device)
@@ -629,7 +678,8 @@ class DashModule(L.LightningModule):
         start = time.perf_counter()
         ref = {}
         if self.kl_coef > 0:
-            ref = {i: self._logprobs_of(self.reference, mb) for i, mb in enumerate(rollout.micro_batches)}
+            with self._reference_model() as reference:
+                ref = {i: self._logprobs_of(reference, mb) for i, mb in enumerate(rollout.micro_batches)}
         old = None
         gap = None
         if self.update_mode != "dash":  # PPO: the ratio is taken against the sampling-time policy
@@ -936,6 +986,23 @@ class DashModule(L.LightningModule):
             "nonfinite_steps": self.nonfinite_steps,
             "rng": rng_states_by_rank(),
         }
+        self._keep_adapters_only(checkpoint)
+
+    def _keep_adapters_only(self, checkpoint: dict) -> None:
+        """Under LoRA a checkpoint's weights are the adapters alone (the optimizer already holds only
+        theirs); the frozen base comes back from the model on disk (:meth:`_fill_frozen_base`)."""
+        if self.lora and "state_dict" in checkpoint:
+            from lit_dash.lora import adapter_state
+
+            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = adapter_state(checkpoint["state_dict"], trainable)
+
+    def _fill_frozen_base(self, checkpoint: dict) -> None:
+        """An adapter-only checkpoint gets the frozen base's weights (as loaded from disk) back, so
+        Lightning's strict load still checks every adapter key."""
+        if self.lora and "state_dict" in checkpoint:
+            frozen = {k: v for k, v in self.state_dict().items() if k not in checkpoint["state_dict"]}
+            checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("lit_dash", {})
@@ -947,6 +1014,7 @@ class DashModule(L.LightningModule):
             weights = checkpoint["state_dict"]
             for key, value in self.reference.state_dict().items():
                 weights.setdefault(self.REFERENCE_PREFIX + key, value)
+        self._fill_frozen_base(checkpoint)
 
     def on_train_start(self) -> None:
         # Restored here, not on load: between the two, Lightning creates the DataLoader iterator, which

@@ -35,6 +35,13 @@ class ExportModel(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
         model = trainer.strategy.model
+        if getattr(pl_module, "lora", None):  # LoRA (no FSDP): a merged plain copy, adapters folded in
+            if trainer.is_global_zero:
+                merged = pl_module.policy_for_export()
+                save_policy(merged, out, pl_module.model_path(), export_dtype(self.dtype))
+            self.path = out
+            rank_zero_info(f"[lit_dash] exported the merged LoRA policy (step {trainer.global_step}) to {out}")
+            return
         if _is_fsdp(model):
             with torch.no_grad(), _full_weights(model):
                 pairs = _policy_weights(pl_module.policy, fsdp=True)

@@ -1,5 +1,9 @@
 """Push the policy's weights into the rollout engine: at the start of fit (so a resumed run samples from
-the resumed weights, not the initial ones) and after every optimizer step."""
+the resumed weights, not the initial ones) and after every optimizer step.
+
+Under LoRA (a peft policy) only the adapted modules change, so only they are pushed, merged
+(``W + scale * B @ A``) under the base model's names: see :func:`lit_dash.lora.merged_adapted_weights`.
+The engine must have started from the same base model the trainer loaded."""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from collections.abc import Iterator
 
 import lightning as L
 import torch
+
+from lit_dash.errors import ConfigError
+from lit_dash.lora import is_lora, merged_adapted_weights
 
 # wrappers FSDP and activation checkpointing put into parameter names; the engine wants transformers names
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -41,6 +48,18 @@ def _policy_weights(policy: torch.nn.Module, fsdp: bool) -> Iterator[tuple[str, 
         yield name, tensor
 
 
+def engine_weights(policy: torch.nn.Module, fsdp: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """What a sync pushes: every weight, or under LoRA the merged weights of the adapted modules."""
+    if is_lora(policy):
+        if fsdp:
+            raise ConfigError(
+                "model.lora with FSDP is not supported: use ddp (the base is frozen, small "
+                "adapters need no sharding)"
+            )
+        return merged_adapted_weights(policy)
+    return _policy_weights(policy, fsdp)
+
+
 class WeightSync(L.Callback):
     """One batched ``load_weights`` call per sync; its wall time is logged as ``time/weight_sync``."""
 
@@ -54,7 +73,7 @@ class WeightSync(L.Callback):
         start = time.perf_counter()
         model = trainer.strategy.model
         with torch.no_grad(), _full_weights(model):
-            engine.load_weights(_policy_weights(pl_module.policy, _is_fsdp(model)))
+            engine.load_weights(engine_weights(pl_module.policy, _is_fsdp(model)))
         self.last_seconds = time.perf_counter() - start
         self.syncs += 1
         self.synced_step = trainer.global_step
