@@ -187,8 +187,8 @@ def _state_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     return next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """``lit-dash export``: a checkpoint's policy as a transformers folder."""
+def build_parser():
+    """The ``lit-dash export`` command line."""
     import argparse
 
     ap = argparse.ArgumentParser(
@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--dtype", default="auto", choices=["auto", *EXPORT_DTYPES], help="auto: as trained")
     ap.add_argument("--model", help="the base model (default: the checkpoint's model)")
     ap.add_argument("--config", help="a lit-dash config naming the base model (model.init_args.model)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``lit-dash export``: a checkpoint's policy as a transformers folder."""
+    args = build_parser().parse_args(argv)
     out = export_checkpoint(args.ckpt_path, args.out, args.dtype, args.model, args.config)
     print(f"[lit_dash] exported {args.ckpt_path} to {out}")
     return out

@@ -82,13 +82,18 @@ LIT_DASH_COMMANDS = _commands("lit-dash")
 
 
 def test_the_readme_has_lit_dash_commands():
-    assert {args[0] for args in LIT_DASH_COMMANDS} == {"fit", "validate"}
+    assert {args[0] for args in LIT_DASH_COMMANDS} == {"fit", "validate", "test", "predict", "export"}
 
 
 @pytest.mark.parametrize("args", LIT_DASH_COMMANDS, ids=" ".join)
 def test_every_lit_dash_command_parses(args, monkeypatch):
     monkeypatch.chdir(REPO)
-    assert args[0] in ("fit", "validate")
+    assert args[0] in ("fit", "validate", "test", "predict", "export")
+    if args[0] == "export":  # its own parser: the flags it takes
+        from lit_dash.export import build_parser
+
+        build_parser().parse_args(args[1:])
+        return
     args = args[1:]
     if "--ckpt_path" in args:  # an option of the subcommand, not of the config
         i = args.index("--ckpt_path")
