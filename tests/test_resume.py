@@ -64,7 +64,7 @@ def test_resumed_loader_starts_at_the_first_batch_training_did_not_consume():
     first, second = next(fetched), next(fetched)  # Lightning fetches one batch ahead of the step
     dm.consumed_batches += 1  # what on_after_batch_transfer does for the one step that ran
     state = dm.state_dict()
-    assert state == {"consumed_batches": 1, "prompts_per_rollout": 3}
+    assert state == {"consumed_batches": 1, "prompts_per_rollout": 3, "refill_prompts_consumed": 0}
 
     resumed = RolloutDataModule(prompts_per_rollout=3, group_size=2, micro_batch_size=2)
     resumed.train_problems = _problems(10)
