@@ -296,7 +296,11 @@ def test_sigkill_mid_write_leaves_the_previous_checkpoint_and_resume_goes_on_fro
         "last.ckpt": "-> epoch=0-step=4.ckpt",
     }
     assert runs["final"]["global_step"] == STEPS
-    assert runs["final"]["RolloutDataModule"] == {"consumed_batches": STEPS, "prompts_per_rollout": 4}
+    assert runs["final"]["RolloutDataModule"] == {
+        "consumed_batches": STEPS,
+        "prompts_per_rollout": 4,
+        "refill_prompts_consumed": 0,
+    }
 
 
 @pytest.mark.engine
