@@ -187,7 +187,7 @@ def test_mini_takes_exactly_its_steps_and_cadences_count_rollouts(tmp_path, engi
     assert module.skipped_steps == 4
     assert [row["lr"] for row in record.rows] == pytest.approx([5e-4, 0.0])  # the schedule spans the budget
     assert [step for step, _ in evaluation.history] == [0, 6, 12]  # at start, then after every rollout
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt")) == [
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("epoch=*.ckpt")) == [
         "epoch=0-step=12.ckpt",
         "epoch=0-step=6.ckpt",
     ]
