@@ -37,16 +37,6 @@ GIB = 1024**3
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def status_mib() -> dict[str, float]:
-    """VmRSS (resident now) and VmHWM (peak resident since the last reset) of this process, in MiB."""
-    values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024  # kB
-    return values
-
-
 def build_model(folder: Path, vocab: int, hidden: int, layers: int, context: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -70,6 +60,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from lit_dash.data.buffer import pad_micro_batch
+    from lit_dash.hardware import process_memory_mib
     from lit_dash.module import DashModule
 
     torch.manual_seed(1)
@@ -98,9 +89,9 @@ def worker(args: argparse.Namespace) -> dict:
     step()  # warm-up: first-call allocations, thread pools
     module.policy.zero_grad(set_to_none=True)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
-    before = status_mib()["VmRSS"]
+    before = process_memory_mib()["VmRSS"]
     seconds = step()
-    peak = status_mib()["VmHWM"]
+    peak = process_memory_mib()["VmHWM"]
     return {
         "completion_tokens": args.completion,
         "chunk_tokens": args.chunk,

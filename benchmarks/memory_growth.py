@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 
+from lit_dash.hardware import process_memory_mib
 from lit_dash.module import DashModule
 
 BASELINE_STEP = 20
@@ -56,16 +57,6 @@ data:
 """
 
 
-def memory_mib() -> dict[str, float]:
-    """VmRSS (resident now) and VmHWM (peak resident) of this process, in MiB."""
-    values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024  # kB
-    return values
-
-
 class ParityReward(DashModule):
     def reward(self, completions, problems):
         return [float(len(c) % 2 == 0) for c in completions]
@@ -79,7 +70,7 @@ class MemoryProbe(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step % self.every == 0 or step in (1, BASELINE_STEP) or step == trainer.max_steps:
-            mem = memory_mib()
+            mem = process_memory_mib()
             self.rows.append((step, mem["VmRSS"], mem["VmHWM"]))
             print(
                 f"[memory] step {step:4d}: VmRSS {mem['VmRSS']:7.0f} MiB  VmHWM {mem['VmHWM']:7.0f} MiB",

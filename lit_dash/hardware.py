@@ -34,3 +34,16 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     if torch.device(device).type == "cuda" or cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def process_memory_mib() -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (peak resident since start or the last ``clear_refs`` reset) of
+    this process, in MiB, from /proc/self/status (Linux)."""
+    from pathlib import Path
+
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024  # kB
+    return values
