@@ -46,6 +46,8 @@ def test_two_step_fit_through_the_cli(tmp_path, tiny_engine):
     rows = list(csv.DictReader((log_dir / "timing.csv").open()))
     assert [int(float(r["step"])) for r in rows] == [1, 2]
     assert all(float(r["generation"]) > 0 and float(r["forward_backward"]) > 0 for r in rows)
+    # resident memory of the one process (engine included): a model and an engine are far over 100 MiB
+    assert all(float(r["peak_rss_mib"]) >= float(r["rss_mib"]) > 100 for r in rows)
     for r in rows:  # the phases and "other" partition each step's wall time; weight sync happens every step
         parts = sum(float(r[p]) for p in (*PHASES, "other"))
         assert parts == pytest.approx(float(r["total"]), rel=1e-6)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import lightning as L
 
+from lit_dash.hardware import process_memory_mib
+
 PHASES = (
     "generation",
     "reward",
@@ -67,6 +69,10 @@ class TimingProfile(L.Callback):
             fb = phases.get("forward_backward", 0.0)
             row["train_tokens_per_s"] = trained / fb if trained and fb > 0 else 0.0
             row["kept_completions"] = float(rollout.num_kept)
+        # this process's resident memory (the in-process vLLM engine included): now, and the peak so far
+        memory = process_memory_mib()
+        row["rss_mib"] = memory.get("VmRSS", 0.0)
+        row["peak_rss_mib"] = memory.get("VmHWM", 0.0)
         self.rows.append(row)
         # the profiler's own cost (this method, CSV rewrite included) lands in the next row: measured, not assumed
         row["profiler_s"] = self._overhead
