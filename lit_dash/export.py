@@ -183,6 +183,16 @@ def export_checkpoint(
     return save_policy(policy, out, base, dtype=target if target is not None else _state_dtype(state))
 
 
+def export_adapter(ckpt_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A LoRA checkpoint's adapter alone, in PEFT's format, at ``out`` (see :func:`lit_dash.lora.save_adapter`)."""
+    from lit_dash.lora import peft_model_from_checkpoint, save_adapter
+
+    ckpt = load_checkpoint(ckpt_path)
+    if not (ckpt.get("hyper_parameters") or {}).get("lora"):
+        raise InputError(f"{ckpt_path} is not a LoRA run's checkpoint: it has no adapter to export alone")
+    return save_adapter(peft_model_from_checkpoint(ckpt), out)
+
+
 def _state_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     return next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
 
@@ -201,12 +211,18 @@ def build_parser():
     ap.add_argument("--dtype", default="auto", choices=["auto", *EXPORT_DTYPES], help="auto: as trained")
     ap.add_argument("--model", help="the base model (default: the checkpoint's model)")
     ap.add_argument("--config", help="a lit-dash config naming the base model (model.init_args.model)")
+    ap.add_argument(
+        "--adapter_out", help="LoRA runs: also write the adapter alone, in PEFT's format, to this folder"
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> Path:
     """``lit-dash export``: a checkpoint's policy as a transformers folder."""
     args = build_parser().parse_args(argv)
+    if args.adapter_out:  # a checkpoint without adapters fails here, before the merged export
+        adapter = export_adapter(args.ckpt_path, args.adapter_out)
+        print(f"[lit_dash] wrote the adapter of {args.ckpt_path} (PEFT format) to {adapter}")
     out = export_checkpoint(args.ckpt_path, args.out, args.dtype, args.model, args.config)
     print(f"[lit_dash] exported {args.ckpt_path} to {out}")
     return out

@@ -172,10 +172,10 @@ def parameter_bytes(model: torch.nn.Module, trainable: bool | None = None) -> in
     )
 
 
-def merged_model_from_checkpoint(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
-    """The plain merged model of an adapter-only DashModule checkpoint (a ``torch.load``-ed ``.ckpt``):
-    the base from ``hyper_parameters.model``, the adapters from ``state_dict``, merged. For
-    ``lit-dash export --ckpt_path`` on a LoRA run."""
+def peft_model_from_checkpoint(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
+    """The peft model (base + adapters, unmerged) of an adapter-only DashModule checkpoint (a
+    ``torch.load``-ed ``.ckpt``): the base from ``hyper_parameters.model``, the adapters from
+    ``state_dict``."""
     from transformers import AutoModelForCausalLM
 
     from lit_dash.models import resolve_model
@@ -198,4 +198,23 @@ def merged_model_from_checkpoint(checkpoint: Mapping[str, Any]) -> torch.nn.Modu
             f"unexpected {sorted(unexpected)[:3]}"
         )
     policy.load_state_dict(adapters, strict=False)
-    return policy.merge_and_unload()
+    return policy
+
+
+def merged_model_from_checkpoint(checkpoint: Mapping[str, Any]) -> torch.nn.Module:
+    """The plain merged model of an adapter-only DashModule checkpoint. For ``lit-dash export --ckpt_path``
+    on a LoRA run."""
+    return peft_model_from_checkpoint(checkpoint).merge_and_unload()
+
+
+def save_adapter(model: torch.nn.Module, out):
+    """The adapter alone in PEFT's format (``adapter_config.json`` naming the base model's folder,
+    ``adapter_model.safetensors``), which ``peft.PeftModel.from_pretrained(base, out)`` and vLLM's
+    ``LoRARequest`` load."""
+    from pathlib import Path
+
+    if not is_lora(model):
+        raise ConfigError("the adapter alone can only be exported from a LoRA run (model.lora is null)")
+    out = Path(out)
+    model.save_pretrained(out)
+    return out

@@ -13,7 +13,7 @@ from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
 
 from lit_dash import lora
-from lit_dash.callbacks import StepCheckpoint
+from lit_dash.callbacks import ExportModel, StepCheckpoint
 from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
 from lit_dash.engines import SamplingConfig
 from lit_dash.errors import ConfigError
@@ -228,9 +228,11 @@ def test_a_checkpoint_holds_the_adapters_alone_and_resumes_them_exactly(
 ):
     try:
         module = RandomAdapter(model="tiny-llama", lr=1e-3, precision="float32", seed=0, lora=SPEC)
-        trainer = _fit_with(
-            tiny_engine, module, [StepCheckpoint(dirpath=tmp_path, save_last=True)], steps=2, root=tmp_path
-        )
+        callbacks = [
+            StepCheckpoint(dirpath=tmp_path, save_last=True),
+            ExportModel(dirpath=str(tmp_path / "fit_export"), adapter=True),
+        ]
+        trainer = _fit_with(tiny_engine, module, callbacks, steps=2, root=tmp_path)
         path = tmp_path / "last.ckpt"
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         trainable = {f"policy.{n}" for n, p in module.policy.named_parameters() if p.requires_grad}
@@ -262,12 +264,28 @@ def test_a_checkpoint_holds_the_adapters_alone_and_resumes_them_exactly(
         # and `lit-dash export`'s code path writes it as a plain transformers folder
         from transformers import AutoModelForCausalLM
 
-        from lit_dash.export import export_checkpoint
+        from lit_dash.export import main as export_main
 
-        folder = export_checkpoint(path, tmp_path / "export", dtype="float32")
+        folder = export_main(
+            ["--ckpt_path", str(path), "--out", str(tmp_path / "export"), "--dtype", "float32",
+             "--adapter_out", str(tmp_path / "adapter")]
+        )  # fmt: skip
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(reloaded(input_ids=IDS).logits, expected, rtol=0, atol=1e-5)
+        # --adapter_out: the adapter alone, in PEFT's format, on the base gives the trained policy
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+        with torch.no_grad():
+            assert (base(input_ids=IDS).logits - expected).abs().max() > 1e-3, "control: the base differs"
+            adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")
+            torch.testing.assert_close(adapted(input_ids=IDS).logits, expected, rtol=0, atol=1e-5)
+            # and the same from the ExportModel callback at the end of fit (adapter: true)
+            assert callbacks[1].adapter_path == tmp_path / "fit_export_adapter"
+            fresh = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+            adapted = PeftModel.from_pretrained(fresh, callbacks[1].adapter_path)
+            torch.testing.assert_close(adapted(input_ids=IDS).logits, expected, rtol=0, atol=1e-5)
     finally:
         restore_engine_weights(tiny_engine, tiny_model_path)
 
@@ -344,3 +362,20 @@ def test_two_ddp_ranks_train_the_same_adapters(tmp_path):
     assert rank1[0]["weighted"] != rank1[1]["weighted"], "rank 1's adapters moved with rank 0's gradient"
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["state_dict"] and all(".lora_" in k for k in checkpoint["state_dict"])
+
+
+def test_the_adapter_alone_is_refused_for_a_full_fine_tuning_checkpoint(tmp_path):
+    from lit_dash.errors import InputError
+    from lit_dash.export import main as export_main
+
+    path = tmp_path / "full.ckpt"
+    torch.save({"hyper_parameters": {"model": "tiny-llama", "lora": None}, "state_dict": {}}, path)
+    with pytest.raises(InputError, match="not a LoRA run's checkpoint"):
+        export_main(
+            ["--ckpt_path", str(path), "--out", str(tmp_path / "x"), "--adapter_out", str(tmp_path / "a")]
+        )
+    assert not (tmp_path / "x").exists(), "refused before any export is written"
+    from lit_dash.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="adapter: true"):  # the callback, at setup, before any step
+        ExportModel(adapter=True).setup(None, RandomAdapter(model="tiny-llama"), "fit")
