@@ -289,39 +289,32 @@ def test_skipping_uniform_groups_leaves_the_gradient_exactly_as_it_was(tmp_path,
 
 
 def test_a_resumed_run_takes_the_uninterrupted_runs_skip_decisions(tmp_path, engine):
-    """8 problems, 2 batches an epoch, 6 rollouts: history 1, explore 0.5. Stopped after rollout 3 and
-    resumed from its checkpoint, the run samples and skips what the uninterrupted run did; resumed without
-    the history (negative control), it does not."""
+    """8 problems, 2 batches an epoch, 4 rollouts, history 1, explore 0.5: resumed from the run's step-2
+    checkpoint (the state a run killed after step 2 resumes from), the run samples and skips what the
+    uninterrupted run did, and ends with its data state; resumed without the history (the negative
+    control), it does not."""
     train = ProblemSource(source="arithmetic", difficulty="add1", num_problems=8)
-    skipping = PromptSkipping(history=1, explore=0.5)
+    folder = tmp_path / "ckpt"
 
-    def run(label, max_steps, ckpt_path=None, callbacks=()):
+    def run(label, ckpt_path=None, callbacks=()):
         log = SkipLog()
-        data = _data(train=train, prompt_skipping=skipping)
+        data = _data(train=train, prompt_skipping=PromptSkipping(history=1, explore=0.5))
         module = ByAnswer(model="tiny-llama", precision="float32", seed=0, lr=1e-4)
-        _fit(
-            tmp_path / label,
-            engine,
-            module,
-            data,
-            max_steps=max_steps,
-            callbacks=[log, *callbacks],
-            ckpt_path=ckpt_path,
-        )
+        callbacks = [log, *callbacks]
+        _fit(tmp_path / label, engine, module, data, max_steps=4, callbacks=callbacks, ckpt_path=ckpt_path)
         return log.rows, data
 
-    reference, reference_data = run("reference", 6)
-    folder = tmp_path / "ckpt"
-    first, _ = run("first", 3, callbacks=[StepCheckpoint(dirpath=folder, every_n_train_steps=3)])
-    resumed, resumed_data = run("resumed", 6, ckpt_path=str(folder / "last.ckpt"))
+    every_two = StepCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1)
+    reference, reference_data = run("reference", callbacks=[every_two])
+    resumed, resumed_data = run("resumed", ckpt_path=str(folder / "epoch=0-step=2.ckpt"))
     print(f"[prompt skipping] uninterrupted (step, sampled, skipped): {reference}")
-    assert first + resumed == reference
+    assert resumed == reference[2:]
     assert resumed_data.state_dict() == reference_data.state_dict()
-    assert sum(len(skipped) for _, _, skipped in reference[3:]) > 0, "the resumed part skips prompts"
+    assert sum(len(skipped) for _, _, skipped in reference[2:]) > 0, "the resumed part skips prompts"
     # negative control: the same checkpoint without the history takes other decisions
-    state = torch.load(folder / "last.ckpt", weights_only=False)
+    state = torch.load(folder / "epoch=0-step=2.ckpt", weights_only=False)
     del state["RolloutDataModule"]["skip_history"]
     torch.save(state, tmp_path / "no_history.ckpt")
     with pytest.warns(UserWarning, match="the skip history starts empty"):
-        forgot, _ = run("forgot", 6, ckpt_path=str(tmp_path / "no_history.ckpt"))
-    assert [ids for _, ids, _ in forgot] != [ids for _, ids, _ in reference[3:]]
+        forgot, _ = run("forgot", ckpt_path=str(tmp_path / "no_history.ckpt"))
+    assert [ids for _, ids, _ in forgot] != [ids for _, ids, _ in reference[2:]]
