@@ -84,7 +84,9 @@ class DashModule(L.LightningModule):
         normalize_over: which completions the loss's denominators count (completions, tokens or
             sequences, by loss_agg): rollout (every completion sampled for the step, before filtering: a
             dropped completion weighs as a kept one with zero advantage, so at kl_coef 0 dropping
-            zero-advantage completions leaves the gradient exactly as it was) or kept (only those that
+            zero-advantage completions leaves the gradient exactly as it was; a prompt skipped by
+            data.prompt_skipping counts as G such completions, exactly with loss_agg constant or seq_mean,
+            at the rollout's mean sampled length with token_mean) or kept (only those that
             survived filtering: the gradient grows by sampled / kept). In update=mini each step's slice
             counts 1/ppo_mini_batches of the rollout's sampled completions (rollout) or its own (kept).
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
@@ -697,7 +699,8 @@ class DashModule(L.LightningModule):
 
         plan = self._update_plan(slice_sizes, most)
         share = 1.0 / len(plan) if self.update_mode == "mini" else 1.0  # of the sampled completions
-        sampled = (rollout.sampled_completions * share, rollout.sampled_tokens * share)
+        # skipped prompts (data.prompt_skipping) count as G zero-advantage completions each
+        sampled = (rollout.counted_completions * share, rollout.counted_tokens * share)
         totals = self._zero_totals()
         grad_norm = float("nan")
         checked = False  # the parity guard runs on the first step that trains, before its update
@@ -835,6 +838,11 @@ class DashModule(L.LightningModule):
         metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
         metrics["train/skipped_long_prompts"] = float(
             getattr(self.trainer.datamodule, "skipped_long_prompts", 0)
+        )
+        history = getattr(self.trainer.datamodule, "skip_history", None)  # the world's, on every rank
+        metrics["train/skipped_prompts_total"] = float(history.skipped_prompts_total if history else 0)
+        metrics["train/skipped_completions_total"] = metrics["train/skipped_prompts_total"] * float(
+            self.last_rollout.group_size
         )
         metrics = world_values(metrics, self._rollout_weights(self.last_rollout), self.device)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

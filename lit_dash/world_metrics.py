@@ -45,6 +45,9 @@ TRAIN_REDUCTIONS: dict[str, str] = {
     "train/refill_engine_calls": "sum",
     "train/refill_prompts": "sum",
     "train/first_call_reward_mean": "completions",  # the first call sampled P x G, as many as trained
+    "train/sampled_completions": "sum",
+    "train/skipped_prompts": "sum",  # prompt skipping: prompts not sampled this step
+    "train/skipped_completions": "sum",  # ... and the completions that saved (G per prompt)
     # the update: this rank's sums over world-wide denominators (module.micro_batch_loss)
     "train/loss": "sum",
     "train/kl": "sum",
@@ -61,6 +64,8 @@ TRAIN_REDUCTIONS: dict[str, str] = {
     "train/skipped_steps": SAME,
     "train/nonfinite_steps": SAME,
     "train/skipped_long_prompts": SAME,
+    "train/skipped_prompts_total": SAME,  # the datamodule's world total (gathered every step)
+    "train/skipped_completions_total": SAME,
 }
 DEFAULT_REDUCTION = "ranks"  # a scalar a subclass adds: the mean of the ranks' values
 

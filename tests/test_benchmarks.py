@@ -51,3 +51,41 @@ def test_logprob_memory_benchmark_smoke(tmp_path):
     assert rows[128, 32]["peak_added_mib"] < rows[128, 0]["peak_added_mib"] / 3
     assert "skipped" in rows[1024, 0] and "seconds" not in rows[1024, 0]  # 5 x 2048 x 20000 x 4 B > 0.1 GiB
     assert rows[1024, 32]["seconds"] > 0
+
+
+def test_prompt_skipping_benchmark_reads_runs_and_finds_the_time_to_the_target(tmp_path):
+    """The script's own logic on hand-made run records (a real pair of runs takes minutes): cumulative
+    train time without evaluation, summed counts, the first evaluation at the no-skip final accuracy."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import prompt_skipping as bench
+
+    timing = [  # seconds per step; evaluation time is not train time
+        {"step": 1.0, "total": 10.0, "evaluation": 0.0},
+        {"step": 2.0, "total": 14.0, "evaluation": 4.0},
+        {"step": 3.0, "total": 8.0, "evaluation": 0.0},
+        {"step": 4.0, "total": 9.0, "evaluation": 3.0},
+    ]
+    scalars = {
+        "eval/arithmetic/accuracy": [(0, 0.1), (2, 0.4), (4, 0.5)],
+        "train/sampled_completions": [(0, 16.0), (1, 12.0), (2, 8.0), (3, 8.0)],
+        "train/skipped_completions": [(0, 0.0), (1, 4.0), (2, 8.0), (3, 8.0)],
+        "train/skipped_prompts": [(0, 0.0), (1, 1.0), (2, 2.0), (3, 2.0)],
+    }
+    skip = bench.summarize_run(scalars, timing, "eval/arithmetic/accuracy")
+    assert skip["train_seconds"] == {0: 0.0, 2: 20.0, 4: 34.0}
+    assert (skip["completions_generated"], skip["samples_saved"], skip["skipped_prompts"]) == (44, 20, 5)
+    no_skip = bench.summarize_run(
+        {"eval/arithmetic/accuracy": [(0, 0.1), (2, 0.3), (4, 0.4)]},
+        [{**r, "total": r["total"] + 5} for r in timing],
+        "eval/arithmetic/accuracy",
+    )
+    rows = bench.compare({("skip", 0): skip, ("no_skip", 0): no_skip})
+    assert [r["setting"] for r in rows] == ["no_skip", "skip"]
+    assert rows[0]["reached_target_at"] == {"step": 4, "train_s": 54.0}  # its own final accuracy
+    assert rows[1]["target_accuracy"] == 0.4 and rows[1]["reached_target_at"] == {"step": 2, "train_s": 20.0}
+    assert bench.time_to_reach(skip, 0.9) is None
+    text = bench.table(rows)
+    assert "| skip | 0 | 0.100 | 0.400 | 0.500 | 20 | 34 | 44 | 20 | 20 (step 2) |" in text
+    cmd = bench.fit_command(bench.parse_args(["--seeds", "3", "--", "--x", "1"]), "skip", 3, tmp_path)
+    assert cmd[-4:] == ["--data.prompt_skipping", '{"history": 2, "explore": 0.2}', "--x", "1"]
+    assert "--seed_everything" in cmd and cmd[cmd.index("--data.train.num_problems") + 1] == "36"

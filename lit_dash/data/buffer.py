@@ -14,6 +14,10 @@ completion dropped by the filter) are replaced before training: up to that many 
 fresh prompts until the rollout holds P informative groups. The rollout keeps its size, P groups of G, so
 the loss's denominators do not move; when the cap stops the refill, the first call's uninformative groups
 fill the remaining places, as plain DASH would have trained on them.
+
+With ``skip`` (``data.prompt_skipping``, see :mod:`lit_dash.data.skipping`) the prompts it marks are not
+sent to the engine at all: the rollout holds the other prompts' groups, and ``Rollout.skipped_problems``
+the skipped ones, which the loss's denominators still count as G zero-advantage completions each.
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ class Rollout:
     refill_engine_calls: int = 0
     refill_prompts: int = 0
     first_call_reward_mean: float | None = None
+    # prompt skipping: problems of the step's batch that were predicted uniform and not sampled
+    skipped_problems: list[Problem] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.slice_sizes is None:
@@ -126,6 +132,28 @@ class Rollout:
         """Completion tokens of every completion sampled for this step, before filtering."""
         return sum(len(c.token_ids) for c in self.completions)
 
+    @property
+    def skipped_prompts(self) -> int:
+        return len(self.skipped_problems)
+
+    @property
+    def skipped_completions(self) -> int:
+        """Completions not generated because their prompts were skipped (G per skipped prompt)."""
+        return self.skipped_prompts * self.group_size
+
+    @property
+    def counted_completions(self) -> float:
+        """What ``normalize_over: rollout`` divides by: the sampled completions, and G zero-advantage ones
+        per skipped prompt (so a correctly skipped uniform group leaves the update as it was)."""
+        return float(self.sampled_completions + self.skipped_completions)
+
+    @property
+    def counted_tokens(self) -> float:
+        """The token denominator (``loss_agg: token_mean``) over the same completions: a skipped completion
+        counts at the mean length of this rollout's sampled ones (an estimate: its length is unknown)."""
+        mean = self.sampled_tokens / self.sampled_completions if self.sampled_completions else 0.0
+        return self.sampled_tokens + self.skipped_completions * mean
+
     def stats(self) -> dict[str, float]:
         """Scalars for the logger: units in the names (completions, tokens, groups)."""
         lengths = torch.tensor([len(c.token_ids) for c in self.completions], dtype=torch.float32)
@@ -147,6 +175,9 @@ class Rollout:
             "engine_calls": float(self.engine_calls),
             "refill_engine_calls": float(self.refill_engine_calls),
             "refill_prompts": float(self.refill_prompts),
+            "sampled_completions": float(len(self.completions)),
+            "skipped_prompts": float(self.skipped_prompts),
+            "skipped_completions": float(self.skipped_completions),
             # the policy's reward on prompts it did not choose: the first engine call's groups, before
             # dynamic sampling swapped any out (reward_mean is over the groups trained on)
             "first_call_reward_mean": float(
@@ -174,6 +205,9 @@ class RolloutBuffer:
             step (``update: mini``); each slice is cut into micro-batches. 1 for one step per pass.
         dynamic_sampling_calls: DAPO's dynamic sampling: at most this many extra engine calls per rollout,
             each on at most P fresh prompts, to replace groups that keep nothing; 0 turns it off.
+
+    ``collect``'s ``skip`` (prompt skipping) and dynamic sampling do not combine (the datamodule refuses
+    both together): refilling tops a rollout up to P sampled groups, skipping leaves it smaller on purpose.
     """
 
     engine: Engine
@@ -222,9 +256,31 @@ class RolloutBuffer:
         prompts: list[str],
         reward_fn: RewardFn,
         refill: RefillFn | None = None,
+        skip: Sequence[bool] | None = None,
     ) -> Rollout:
         """Sample G completions for each prompt, score them, and keep the informative ones; with
-        ``dynamic_sampling_calls`` and a ``refill`` source, first replace groups that keep nothing."""
+        ``dynamic_sampling_calls`` and a ``refill`` source, first replace groups that keep nothing. Prompts
+        ``skip`` marks (one flag per prompt) are not sampled; at least one prompt must remain."""
+        skipped: list[Problem] = []
+        if skip is not None:
+            if len(skip) != len(problems):
+                raise ValueError(f"skip has {len(skip)} flags for {len(problems)} prompts")
+            if all(skip):
+                raise ValueError("skip marks every prompt of the rollout: at least one must be sampled")
+            if any(skip) and refill is not None and self.dynamic_sampling_calls:
+                raise ValueError(
+                    "prompt skipping and dynamic sampling (dynamic_sampling_calls) do not combine"
+                )
+            skipped = [p for p, s in zip(problems, skip, strict=True) if s]
+            prompts = [t for t, s in zip(prompts, skip, strict=True) if not s]
+            problems = [p for p, s in zip(problems, skip, strict=True) if not s]
+        rollout = self._collect(problems, prompts, reward_fn, refill)
+        rollout.skipped_problems = skipped
+        return rollout
+
+    def _collect(
+        self, problems: list[Problem], prompts: list[str], reward_fn: RewardFn, refill: RefillFn | None
+    ) -> Rollout:
         t0 = time.perf_counter()
         prompt_ids, completions, calls = self._generate(prompts)
         timings = {"generation": time.perf_counter() - t0}

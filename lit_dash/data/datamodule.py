@@ -16,10 +16,11 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_dash import console
+from lit_dash import console, losses
 from lit_dash.data.buffer import ROLLOUT_MODES, Rollout, RolloutBuffer
 from lit_dash.data.formatting import INSTRUCTION, PROMPT_STYLES, format_prompts
 from lit_dash.data.records import Problem
+from lit_dash.data.skipping import PromptSkipping, SkipHistory
 from lit_dash.data.sources import DataError, load_problems, read_jsonl
 from lit_dash.engines import ENGINE_KINDS, Engine, SamplingConfig, build_engine
 from lit_dash.errors import ConfigError
@@ -177,6 +178,10 @@ class RolloutDataModule(L.LightningDataModule):
         dynamic_sampling_calls: DAPO's dynamic sampling: up to this many extra engine calls per rollout
             (each on at most prompts_per_rollout fresh prompts, from a refill stream of its own) replace
             groups that keep nothing, so the step trains on P informative groups; 0 (default) is off.
+        prompt_skipping: skip, before sampling, prompts whose last ``history`` groups were uniform (every
+            completion the same reward: nothing to learn), except with probability ``explore``
+            (``{history: 2, explore: 0.2}``; see data.skipping); the loss counts each skipped prompt as G
+            zero-advantage completions. null (default): off. Not with dynamic_sampling_calls.
         rollout_mode: preemptive (DASH: one engine call per step) or per_micro_batch (standard GRPO).
         sampling: temperature, top_p, top_k, max_new_tokens (tokens per completion).
         max_prompt_tokens: prompts longer than this (in tokens) are skipped with a warning.
@@ -203,6 +208,7 @@ class RolloutDataModule(L.LightningDataModule):
         max_tokens_per_micro_batch: int | None = None,
         filter_threshold: float | None = 0.1,
         dynamic_sampling_calls: int = 0,
+        prompt_skipping: PromptSkipping | None = None,
         rollout_mode: str = "preemptive",
         sampling: SamplingConfig | None = None,
         max_prompt_tokens: int = 256,
@@ -225,6 +231,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.filter_threshold = filter_threshold
         self.dynamic_sampling_calls = dynamic_sampling_calls
+        self.prompt_skipping = prompt_skipping
         self.rollout_mode = rollout_mode
         self.sampling = sampling or SamplingConfig(temperature=1.0, max_new_tokens=128)
         self.max_prompt_tokens = max_prompt_tokens
@@ -244,6 +251,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.consumed_batches = 0  # prompt batches training steps have taken: the resumable position
         self.refill_stream: PromptStream | None = None
         self.refill_prompts_consumed = 0  # dynamic sampling's own stream position (prompts), resumable too
+        # prompt skipping: every rank holds the world's outcomes (gathered each step), so rank 0's state,
+        # the one Lightning checkpoints, resumes every rank
+        self.skip_history = SkipHistory(prompt_skipping) if prompt_skipping is not None else None
 
     def _save_knobs_as_hparams(self) -> None:
         """The data knobs as plain nested dicts, so the logger's hyper-parameters (TensorBoard's HPARAMS tab,
@@ -259,6 +269,7 @@ class RolloutDataModule(L.LightningDataModule):
             sampling=plain(self.sampling),
             engine=plain(self.engine_config),
             eval_samples=plain(self.eval_samples),
+            prompt_skipping=plain(self.prompt_skipping),
             predict_file=self.predict_file,
         )
         self.save_hyperparameters(knobs)
@@ -308,6 +319,14 @@ class RolloutDataModule(L.LightningDataModule):
                 f"dynamic_sampling_calls must be >= 0 extra engine calls per rollout (0 = off), got "
                 f"{self.dynamic_sampling_calls}"
             )
+        if self.prompt_skipping is not None:
+            problems += self.prompt_skipping.problems()
+            if self.dynamic_sampling_calls > 0:
+                problems.append(
+                    "prompt_skipping and dynamic_sampling_calls do not combine (dynamic sampling refills a "
+                    "rollout to P sampled groups, skipping keeps it smaller on purpose): set one, "
+                    "prompt_skipping: null or dynamic_sampling_calls: 0"
+                )
         if self.max_prompt_tokens < 1 or self.eval_max_new_tokens < 1:
             problems.append(
                 f"max_prompt_tokens and eval_max_new_tokens must be >= 1 tokens, got "
@@ -552,7 +571,32 @@ class RolloutDataModule(L.LightningDataModule):
         """Sample, score, normalise and filter one optimizer step's data (called by the training step)."""
         prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
         refill = self._refill if self.dynamic_sampling_calls else None
-        return self.buffer.collect(problems, prompts, reward_fn, refill=refill)
+        if self.skip_history is None:
+            return self.buffer.collect(problems, prompts, reward_fn, refill=refill)
+        # decided now, not in the stream: the DataLoader fetched this batch before the last step's outcomes
+        skip = self.skip_history.choose(
+            [p.source_id for p in problems], self._run_seed(), self.consumed_batches
+        )
+        rollout = self.buffer.collect(problems, prompts, reward_fn, skip=skip)
+        self._record_outcomes(rollout)
+        return rollout
+
+    def _record_outcomes(self, rollout: Rollout) -> None:
+        """Each sampled group's outcome (uniform or not) and the skipped count, every rank's, into the
+        history every rank holds."""
+        uniform = losses.zero_variance_groups(rollout.rewards, rollout.group_size).tolist()
+        mine = (
+            [(p.source_id, u) for p, u in zip(rollout.problems, uniform, strict=True)],
+            rollout.skipped_prompts,
+        )
+        world = self.trainer.world_size if self.trainer is not None else 1
+        shares = [mine]
+        if world > 1:
+            shares = [None] * world
+            torch.distributed.all_gather_object(shares, mine)  # problem ids: an object gather
+        for outcomes, skipped in shares:  # rank order: every rank records the same sequence
+            self.skip_history.record(outcomes)
+            self.skip_history.skipped_prompts_total += skipped
 
     def _refill(self, num_prompts: int) -> tuple[list[Problem], list[str]]:
         """The next ``num_prompts`` problems of the refill stream, and their prompts."""
@@ -575,11 +619,14 @@ class RolloutDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         # consumed, not the stream's read position: the DataLoader has already fetched the next batch
-        return {
+        state = {
             "consumed_batches": self.consumed_batches,
             "prompts_per_rollout": self.prompts_per_rollout,
             "refill_prompts_consumed": self.refill_prompts_consumed,
         }
+        if self.skip_history is not None:
+            state["skip_history"] = self.skip_history.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "consumed_batches" not in state:
@@ -589,6 +636,17 @@ class RolloutDataModule(L.LightningDataModule):
             )
         self.consumed_batches = int(state["consumed_batches"])
         self.refill_prompts_consumed = int(state.get("refill_prompts_consumed", 0))
+        if self.skip_history is not None:
+            if "skip_history" in state:
+                self.skip_history.load_state_dict(state["skip_history"])
+            else:
+                import warnings
+
+                warnings.warn(
+                    "data.prompt_skipping is on but the checkpoint's run did not skip prompts: the skip "
+                    "history starts empty",
+                    stacklevel=2,
+                )
         saved = state.get("prompts_per_rollout")
         if saved is not None and saved != self.prompts_per_rollout:
             if self.auto_throughput:  # auto measured again and chose differently: keep the run's size
