@@ -134,3 +134,87 @@ def test_the_frozen_reference_model_is_left_out_of_a_checkpoint_and_restored_fro
     resumed.load_state_dict(checkpoint["state_dict"], strict=True)
     for (name, got), want in zip(resumed.state_dict().items(), saved.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+# ---- background writes (StepCheckpoint(background_writes: true)) ----------------------------------------
+
+
+def _blocked_worker(io):
+    """Hold the IO's worker thread until the returned event is set."""
+    import threading
+
+    release = threading.Event()
+    io.after_queued_writes(release.wait)
+    return release
+
+
+@pytest.mark.parametrize("snapshot", [True, False])
+def test_a_background_write_saves_the_step_it_was_asked_for_and_runs_off_the_callers_thread(
+    tmp_path, snapshot, monkeypatch
+):
+    from lit_dash.callbacks import background_io
+    from lit_dash.callbacks.background_io import BackgroundCheckpointIO
+
+    if not snapshot:  # negative control: without the snapshot the file gets the weights as mutated later
+        monkeypatch.setattr(background_io, "_snapshot", lambda t: t)
+    io = BackgroundCheckpointIO()
+    release = _blocked_worker(io)
+    weights = torch.zeros(8)
+    target = tmp_path / "epoch=0-step=2.ckpt"
+    io.save_checkpoint({"global_step": 2, "state_dict": {"w": weights}}, target)
+    assert not target.exists(), "save_checkpoint returned before the write: it is the worker's"
+    weights.add_(1.0)  # the next optimizer step changes the live tensor in place
+    release.set()
+    io.teardown()
+    saved = torch.load(target, weights_only=True)["state_dict"]["w"]
+    assert torch.equal(saved, torch.zeros(8)) is snapshot
+
+
+def test_background_writes_delete_and_relink_only_after_the_new_file_is_whole(tmp_path):
+    from lit_dash.callbacks.atomic_io import replace_link
+    from lit_dash.callbacks.background_io import BackgroundCheckpointIO
+
+    io = BackgroundCheckpointIO()
+    old, new, last = (
+        tmp_path / "epoch=0-step=2.ckpt",
+        tmp_path / "epoch=0-step=4.ckpt",
+        tmp_path / "last.ckpt",
+    )
+    AtomicCheckpointIO().save_checkpoint({"global_step": 2}, old)
+    replace_link(str(old), str(last))
+    release = _blocked_worker(io)
+    io.save_checkpoint({"global_step": 4}, new)  # what StepCheckpoint asks for, in its order
+    io.after_queued_writes(replace_link, str(new), str(last))
+    io.remove_checkpoint(old)
+    # a kill now (the write still queued) would leave the previous checkpoint and a link to it
+    assert old.exists() and not new.exists() and os.path.realpath(last) == str(old)
+    assert scan(tmp_path).complete == [old, last]
+    release.set()
+    io.wait()
+    assert not old.exists() and is_complete(new) and os.path.realpath(last) == str(new)
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    io.teardown()
+
+
+def test_a_background_write_error_reaches_the_training_loop(tmp_path):
+    from lit_dash.callbacks.background_io import BackgroundCheckpointIO
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the checkpoint folder should be")
+    io = BackgroundCheckpointIO()
+    io.save_checkpoint({"global_step": 2}, blocker / "epoch=0-step=2.ckpt")
+    with pytest.raises(OSError):
+        io.wait()
+    io.teardown()
+
+
+def test_background_writes_refuse_a_foreign_checkpoint_io():
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(checkpoint_io=AsyncCheckpointIO()),
+        default_root_dir="/tmp",
+        is_global_zero=False,
+    )
+    with pytest.raises(ConfigError, match="background_writes"):
+        StepCheckpoint(background_writes=True).setup(trainer, None, "fit")

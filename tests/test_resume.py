@@ -347,3 +347,38 @@ def test_the_engine_serves_the_resumed_weights_from_its_first_rollout(runs):
         logits = initial(ids).logits.float()[0, :-1]
     initial_lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
     assert (initial_lp - policy_lp).abs().max() > 5 * (engine_lp - policy_lp).abs().max()
+
+
+@pytest.fixture(scope="module")
+def background_run(runs, tmp_path_factory) -> dict:
+    """The same run with ``StepCheckpoint(background_writes: true)``: SIGKILLed right after its step-2 file
+    got its name (the worker thread's write; training had gone on to step 3), then resumed to the end."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("background")
+    config = yaml.safe_load(TINY.read_text())
+    (checkpoint,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("StepCheckpoint")]
+    checkpoint["init_args"]["background_writes"] = True
+    override = tmp / "background.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": config["trainer"]["callbacks"]}}))
+    run = tmp / "run"
+    cmd = _fit(run, "a")
+    cmd[cmd.index(str(TINY)) + 1 : cmd.index(str(TINY)) + 1] = ["--config", str(override)]
+    _run(cmd, tmp / "a.log", fault="after_write@2", expect=-signal.SIGKILL)
+    out = {"after_kill": _listing(run / "checkpoints")}
+    out["log"] = _run([*cmd, "--ckpt_path", "last"], tmp / "b.log")
+    out["listing"] = _listing(run / "checkpoints")
+    out["final"] = _load(run / "checkpoints" / "last.ckpt")
+    return out
+
+
+@pytest.mark.engine
+def test_background_checkpoint_writes_resume_exactly(runs, background_run):
+    assert background_run["after_kill"] == {"epoch=0-step=2.ckpt": "file"}, "no last.ckpt yet"
+    assert "resuming from" in background_run["log"]
+    assert background_run["listing"] == {  # the step-4 file and its link, written before the process exited
+        "epoch=0-step=2.ckpt": "file",
+        "epoch=0-step=4.ckpt": "file",
+        "last.ckpt": "-> epoch=0-step=4.ckpt",
+    }
+    assert state_differences(runs["reference_final"], background_run["final"]) == []

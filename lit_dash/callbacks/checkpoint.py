@@ -17,6 +17,10 @@ files that are complete or absent.
 - Every single-file write is atomic (:class:`~lit_dash.callbacks.atomic_io.AtomicCheckpointIO`, installed
   in place of Lightning's default CheckpointIO); ``save_last="link"`` (the default here) makes ``last.ckpt``
   a symlink to the newest checkpoint, replaced atomically, instead of a second full copy.
+- ``background_writes: true`` takes each write off the training loop's critical path
+  (:class:`~lit_dash.callbacks.background_io.BackgroundCheckpointIO`: a snapshot on the training thread,
+  the atomic write, the removal of the checkpoint it replaces and the ``last`` link, in that order, on one
+  worker thread); training waits for it at the end and on SIGTERM.
 - ``--ckpt_path last`` resumes from the newest *complete* checkpoint of the folder, whatever its name (a
   kill between the step file and ``last`` left no ``last``, and Lightning then trained from step 0). A
   folder with checkpoint-looking files but no complete one is an error naming them; an absent or empty
@@ -35,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lit_dash.callbacks.atomic_io import AtomicCheckpointIO, is_temporary, replace_link, scan
+from lit_dash.callbacks.background_io import BackgroundCheckpointIO
 from lit_dash.callbacks.cadence import Cadence, steps_per_rollout
 from lit_dash.errors import ConfigError
 
@@ -42,16 +47,19 @@ from lit_dash.errors import ConfigError
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint (same arguments, plus ``every_n_rollouts``; ``save_last`` defaults to ``"link"``)
     that also saves at the end of training and on SIGTERM, writes atomically, and resumes from the newest
-    complete checkpoint."""
+    complete checkpoint. ``background_writes``: write on a worker thread while training goes on (the
+    snapshot costs one checkpoint's size in memory while it is written)."""
 
     def __init__(
         self,
         *args,
         every_n_rollouts: int | None = None,
         save_last: bool | Literal["link"] | None = "link",
+        background_writes: bool = False,
         **kwargs,
     ) -> None:
         kwargs["save_last"] = save_last
+        self.background_writes = background_writes
         steps = kwargs.get("every_n_train_steps")
         self.cadence = None
         if steps or every_n_rollouts is not None:
@@ -85,7 +93,16 @@ class StepCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._default_dirpath(trainer)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not atomic
+        io = trainer.strategy.checkpoint_io
+        if self.background_writes:
+            if type(io) not in (TorchCheckpointIO, AtomicCheckpointIO, BackgroundCheckpointIO):
+                raise ConfigError(
+                    f"StepCheckpoint(background_writes: true) writes through lit_dash's checkpoint IO; this "
+                    f"trainer has its own ({type(io).__name__}): drop the plugin or background_writes"
+                )
+            if type(io) is not BackgroundCheckpointIO:
+                trainer.strategy.checkpoint_io = BackgroundCheckpointIO()
+        elif type(io) is TorchCheckpointIO:  # Lightning's default: not atomic
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.is_global_zero:
             for leftover in scan(self.dirpath).incomplete:
@@ -129,8 +146,18 @@ class StepCheckpoint(ModelCheckpoint):
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            replace_link(filepath, linkpath)
+            io = trainer.strategy.checkpoint_io
+            if isinstance(io, BackgroundCheckpointIO):  # once the file it points at has its name
+                io.after_queued_writes(replace_link, filepath, linkpath)
+            else:
+                replace_link(filepath, linkpath)
         trainer.strategy.barrier()
+
+    @staticmethod
+    def _wait_for_writes(trainer: L.Trainer) -> None:
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, BackgroundCheckpointIO):
+            io.wait()
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved == trainer.global_step or trainer.global_step == 0:
@@ -142,6 +169,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_now(trainer)
+        self._wait_for_writes(trainer)
         super().on_train_end(trainer, pl_module)
 
     def on_exception(
@@ -149,8 +177,14 @@ class StepCheckpoint(ModelCheckpoint):
     ) -> None:
         if isinstance(exception, SIGTERMException) and self.save_last:
             self._save_now(trainer)
+            self._wait_for_writes(trainer)
             rank_zero_info(
                 f"[lit_dash] SIGTERM: saved {self.last_model_path} at step {trainer.global_step}; "
                 "resume with --ckpt_path last"
             )
+        else:  # a crash: the writes already queued (earlier steps' checkpoints) still finish
+            try:
+                self._wait_for_writes(trainer)
+            except Exception as err:  # noqa: BLE001  the crash that brought us here is the one to report
+                rank_zero_warn(f"a background checkpoint write failed too: {err!r}")
         super().on_exception(trainer, pl_module, exception)
