@@ -156,7 +156,7 @@ def test_a_background_write_saves_the_step_it_was_asked_for_and_runs_off_the_cal
     from lit_dash.callbacks.background_io import BackgroundCheckpointIO
 
     if not snapshot:  # negative control: without the snapshot the file gets the weights as mutated later
-        monkeypatch.setattr(background_io, "_snapshot", lambda t: t)
+        monkeypatch.setattr(background_io, "_snapshot", lambda t, buffer=None: t)
     io = BackgroundCheckpointIO()
     release = _blocked_worker(io)
     weights = torch.zeros(8)
@@ -168,6 +168,21 @@ def test_a_background_write_saves_the_step_it_was_asked_for_and_runs_off_the_cal
     io.teardown()
     saved = torch.load(target, weights_only=True)["state_dict"]["w"]
     assert torch.equal(saved, torch.zeros(8)) is snapshot
+
+
+def test_background_snapshots_reuse_their_buffers_and_still_save_each_steps_values(tmp_path):
+    from lit_dash.callbacks.background_io import BackgroundCheckpointIO
+
+    io = BackgroundCheckpointIO()
+    weights = torch.zeros(8)
+    io.save_checkpoint({"global_step": 2, "state_dict": {"w": weights}}, tmp_path / "a.ckpt")
+    buffer = io._buffers[("state_dict", "w")]
+    weights.add_(1.0)
+    io.save_checkpoint({"global_step": 4, "state_dict": {"w": weights}}, tmp_path / "b.ckpt")
+    assert io._buffers[("state_dict", "w")].data_ptr() == buffer.data_ptr(), "the same buffer, copied into"
+    io.teardown()
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]["w"], torch.zeros(8))
+    assert torch.equal(torch.load(tmp_path / "b.ckpt", weights_only=True)["state_dict"]["w"], torch.ones(8))
 
 
 def test_background_writes_delete_and_relink_only_after_the_new_file_is_whole(tmp_path):

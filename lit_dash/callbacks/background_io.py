@@ -1,7 +1,8 @@
 """Checkpoint writes off the training loop's critical path: :class:`BackgroundCheckpointIO`.
 
-The caller's thread takes a snapshot of the checkpoint (every tensor cloned: the step's weights and
-optimizer state, a point-in-time copy, about the checkpoint's size in extra memory while it is written)
+The caller's thread takes a snapshot of the checkpoint (every tensor copied: the step's weights and
+optimizer state, a point-in-time copy, into buffers kept from the previous save: one checkpoint's size
+in extra memory for the rest of the run)
 and returns; one worker thread then writes it with :class:`AtomicCheckpointIO` (temporary file, fsync,
 rename). Removals of older checkpoints and the ``last`` link go through the same worker, in the order
 they were asked for, so a kill at any moment leaves what the synchronous path leaves: the newest complete
@@ -20,13 +21,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 
 from lit_dash.callbacks.atomic_io import AtomicCheckpointIO
 
 
-def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().clone()
+def _snapshot(tensor: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """A point-in-time copy of ``tensor``: into ``buffer`` when it has the same shape and dtype (no new
+    allocation, so no page faults on the next save's gigabytes), else a clone."""
+    tensor = tensor.detach()
+    if buffer is not None and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
+        return buffer.copy_(tensor)
+    return tensor.clone()
 
 
 class BackgroundCheckpointIO(AtomicCheckpointIO):
@@ -36,6 +41,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         super().__init__()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        self._buffers: dict[tuple, torch.Tensor] = {}  # the last snapshot's tensors, by place in the dict
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
         self._raise_finished_errors()
@@ -53,8 +59,26 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self._pending = still
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        snapshot = apply_to_collection(checkpoint, torch.Tensor, _snapshot)
+        self.wait()  # the previous snapshot's buffers are reused: its write must be on disk first
+        snapshot = self._copy(checkpoint, ())
         self._submit(super().save_checkpoint, snapshot, path, storage_options)
+
+    def _copy(self, value: Any, place: tuple) -> Any:
+        """``value`` with every tensor snapshotted (dicts, lists and tuples rebuilt, other values kept)."""
+        if isinstance(value, torch.Tensor):
+            self._buffers[place] = copied = _snapshot(value, self._buffers.get(place))
+            return copied
+        if isinstance(value, dict):
+            out = {k: self._copy(v, (*place, k)) for k, v in value.items()}
+            if type(value) is dict:
+                return out
+            try:  # OrderedDict and the like; a defaultdict (no factory given here) becomes a dict
+                return type(value)(out)
+            except TypeError:
+                return out
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            return type(value)(self._copy(v, (*place, i)) for i, v in enumerate(value))
+        return value
 
     def remove_checkpoint(self, path) -> None:
         self._submit(super().remove_checkpoint, path)
