@@ -292,12 +292,13 @@ def _best(fn, reset, runs: int = 3, budget_s: float = 1.0) -> float:
 
 
 def diagnose(module, micro_batches, max_new: int) -> dict:
-    """Where forward+backward's time goes, on the largest micro-batch: the bare loop whole and without
+    """Where forward+backward's time goes, on the median micro-batch (by padded tokens; the largest would
+    cost too long at 256 new tokens): the bare loop whole and without
     the LM head (its decoder's gradient only), lit_dash's micro-batch loss chunked as configured and
     unchunked, and a torch.profiler breakdown of the bare loop by operator."""
     from torch.profiler import ProfilerActivity, profile
 
-    mb = max(micro_batches, key=lambda m: m.input_ids.numel())
+    mb = sorted(micro_batches, key=lambda m: m.input_ids.numel())[len(micro_batches) // 2]
     policy = module.policy
     temperature = mb.temperature or 1.0
 
