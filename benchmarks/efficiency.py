@@ -627,7 +627,7 @@ def gap_paragraph(result: dict) -> str:
     parts.append(
         f"forward+backward runs at {fb['lit_dash_tokens_per_s'] / fb['bare_tokens_per_s']:.0%} of the bare "
         f"loop (MFU {fb['lit_dash_mfu']:.1%} vs {fb['bare_mfu']:.1%}); both compute the padding, "
-        f"{fb['padding_fraction']:.0%} of the micro-batch tokens; on the largest micro-batch "
+        f"{fb['padding_fraction']:.0%} of the micro-batch tokens; on the median micro-batch "
         f"({d['micro_batch'][0]} x {d['micro_batch'][1]}) lit_dash's loss takes x{lit_vs_bare:.2f} the bare "
         f"loop's time, {chunk_text}; the LM head + log-softmax is {d['lm_head_share']:.0%} of the bare loop "
         f"(profiler: matmuls {shares['matmul']:.0%}, attention {shares['attention']:.0%}, log-softmax "
