@@ -434,6 +434,8 @@ class Stopwatch:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
+        self.load: dict[str, float] = {}  # the 1-minute load average at each stage's end
+
     @contextlib.contextmanager
     def __call__(self, stage: str):
         start = time.perf_counter()
@@ -441,6 +443,7 @@ class Stopwatch:
             yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            self.load[stage] = os.getloadavg()[0]
 
 
 def run_setting(name: str, args, max_new: int, prompts: int, shared: dict) -> dict:
@@ -534,6 +537,7 @@ def run_setting(name: str, args, max_new: int, prompts: int, shared: dict) -> di
         "weight_sync": sync,
         "checkpoint": ckpt,
         "benchmark_seconds": clock.seconds,
+        "load_average": clock.load,
     }
     del trainer, module
     gc.collect()
@@ -726,6 +730,13 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nwhere the gap is:")
     for paragraph in report["where_the_gap_is"]:
         print(f"- {paragraph}")
+    busiest = max(load for r in results for load in r["load_average"].values())
+    if busiest > (os.cpu_count() or 1):
+        print(
+            f"\nWARNING: the 1-minute load average reached {busiest:.1f} on {os.cpu_count()} cores during the "
+            "run: other processes shared the CPU, and lit_dash's figures and their limits were measured at "
+            "different moments (load per stage in the JSON: results[].load_average)"
+        )
     print(f"\nwall time: {wall:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
