@@ -445,9 +445,10 @@ def chunked_logprobs_and_entropy(
     ``-sum_v p_v log p_v`` (detached: a monitoring figure). But the ``[N, V]`` logits never exist at once:
     each chunk of ``chunk_tokens`` tokens runs the head, the upcast and the log-softmax on its own, so the
     peak grows with ``chunk_tokens x V``, not ``N x V`` (8 x 2048 completion tokens of a 152k vocabulary:
-    10 GB per float32 copy). When gradients are on, each chunk runs under
+    10 GB per float32 copy). When gradients are on and N is more than one chunk, each chunk runs under
     ``torch.utils.checkpoint`` (non-reentrant), so autograd keeps only ``[chunk, H]`` inputs and
-    ``[chunk]`` outputs, and recomputes the chunk's logits in backward (one more LM-head matmul).
+    ``[chunk]`` outputs, and recomputes the chunk's logits in backward (one more LM-head matmul). N tokens
+    that fit one chunk run as one, without the checkpoint: recomputing them would lower no peak.
 
     ``chunk_tokens`` None or 0: one chunk of all N tokens, no checkpoint (the unchunked computation).
     """
@@ -473,7 +474,10 @@ def chunked_logprobs_and_entropy(
 
     n = hidden.shape[0]
     chunked = bool(chunk_tokens) and n > 0
-    recompute = chunked and torch.is_grad_enabled() and hidden.requires_grad
+    # N tokens that fit one chunk are not recomputed: that would cost one more LM-head matmul and
+    # log-softmax and lower no peak (the head's backward runs first, while every decoder activation is
+    # still alive, so its [N, V] tensors are at the peak either way)
+    recompute = chunked and n > chunk_tokens and torch.is_grad_enabled() and hidden.requires_grad
     logprobs, entropies = [], []
     for tokens in _row_chunks(n, chunk_tokens if chunked else None):
         if recompute:

@@ -132,8 +132,9 @@ class DashModule(L.LightningModule):
         logprob_chunk_tokens: completion tokens per chunk of the LM head + log-softmax (log-probs, entropy,
             KL's reference, PPO's old log-probs): each chunk's ``[chunk, V]`` logits are recomputed in
             backward instead of kept, so a micro-batch's peak grows with chunk x vocabulary, not its
-            tokens x vocabulary (8 x 2048 tokens of Qwen's 152k vocabulary: 10 GB per float32 copy).
-            0 or null: unchunked (all ``[N, V]`` logits at once, kept for backward; a little faster).
+            tokens x vocabulary (8 x 2048 tokens of Qwen's 152k vocabulary: 10 GB per float32 copy). A
+            micro-batch whose completion tokens fit one chunk is not recomputed (the same peak, one
+            LM-head matmul less). 0 or null: unchunked (all ``[N, V]`` logits at once, kept for backward; a little faster).
 
     Log-probs, entropy, KL and the PPO ratio are all computed at the rollout's sampling temperature T
     (``log_softmax(logits / T)``; T = 0, greedy, counts as 1), from the full softmax: top-k / top-p

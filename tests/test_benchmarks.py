@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import subprocess
 import sys
@@ -89,3 +91,53 @@ def test_prompt_skipping_benchmark_reads_runs_and_finds_the_time_to_the_target(t
     cmd = bench.fit_command(bench.parse_args(["--seeds", "3", "--", "--x", "1"]), "skip", 3, tmp_path)
     assert cmd[-4:] == ["--data.prompt_skipping", '{"history": 2, "explore": 0.2}', "--x", "1"]
     assert "--seed_everything" in cmd and cmd[cmd.index("--data.train.num_problems") + 1] == "36"
+
+
+PHASES = ("generation", "forward+backward", "forward+backward MFU", "weight sync", "checkpoint")
+
+
+@pytest.mark.engine
+def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
+    """Two settings of the demo's step on the tiny model: every phase has a positive, finite ratio to its
+    limit, the bare loop trained exactly lit_dash's tokens, MFU is a fraction of the measured peak, and
+    the byte counts are those of the model (sync) and of model + AdamW moments (checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "efficiency.json"
+    cmd = [sys.executable, "benchmarks/efficiency.py", "--model", "tiny-llama", "--prompts", "2"]
+    cmd += ["--long-prompts", "2", "--group-size", "4", "--micro-batch", "4", "--max-new-tokens", "8,16"]
+    cmd += ["--steps", "1", "--sync-repeats", "1", "--checkpoint-repeats", "1"]
+    cmd += ["--work-dir", str(tmp_path), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    settings = [r["setting"] for r in report["results"]]
+    assert settings == ["demo", "16 new tokens"]
+    printed = [
+        line for line in proc.stdout.splitlines() if line.startswith(("| demo |", "| 16 new tokens |"))
+    ]
+    assert [line.split(" | ")[1] for line in printed] == list(PHASES) * 2
+    assert [(r["setting"], r["phase"]) for r in report["table"]] == [(s, p) for s in settings for p in PHASES]
+    for row in report["table"]:
+        for key in ("lit_dash", "limit", "ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, row
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    state_bytes = sum(t.numel() * 4 for t in model.state_dict().values())  # tied: the embedding twice
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied: once
+    for result in report["results"]:
+        fb = result["forward_backward"]
+        assert result["completions"] == 2 * 4  # filter off: every completion trained
+        assert (
+            fb["bare_trained_tokens"] == fb["lit_dash_trained_tokens"] == fb["model_flops"]["trained_tokens"]
+        )
+        assert fb["bare_completion_tokens"] == fb["model_flops"]["completion_tokens"] > 0
+        assert 0 < fb["lit_dash_mfu"] <= 1 and 0 < fb["bare_mfu"] <= 1
+        assert fb["matmul_peak"]["peak_gflops"] == max(fb["matmul_peak"]["gflops"].values())
+        assert result["weight_sync"]["bytes"] == state_bytes
+        assert result["checkpoint"]["bytes"] > 3 * param_bytes  # weights + AdamW's two moments
+        assert result["generation"]["limit_setting"] in result["generation"]["plain"]
+    machine = report["machine"]
+    assert machine["precision"] == "float32" and set(machine["flags"]) >= {"avx2", "avx512f", "avx512_bf16"}
+    assert len(report["where_the_gap_is"]) == 2
+    assert all("The largest gap:" in p for p in report["where_the_gap_is"])

@@ -142,3 +142,34 @@ def test_bad_chunk_settings():
 
     with pytest.raises(ConfigError, match="logprob_chunk_tokens must be >= 1"):
         DashModule(model="tiny-llama", logprob_chunk_tokens=-5)
+
+
+def test_one_chunk_is_not_recomputed_in_backward():
+    """The LM head runs once per chunk in forward; backward recomputes each chunk only when there are
+    several (N > chunk): N tokens that fit one chunk run once, as unchunked, and give the same gradient."""
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 24, 8, 50
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    ids = torch.randint(0, vocab, (n,))
+    base = torch.randn(n, hidden_size)
+
+    def head_calls_and_grad(chunk):
+        calls = []
+
+        def counted(h):
+            calls.append(h.shape[0])
+            return head(h)
+
+        hidden = base.clone().requires_grad_(True)
+        lp, _ = losses.chunked_logprobs_and_entropy(hidden, counted, ids, chunk, temperature=0.9)
+        lp.sum().backward()
+        return calls, hidden.grad
+
+    calls_full, grad_full = head_calls_and_grad(None)
+    calls_one, grad_one = head_calls_and_grad(n)  # exactly one chunk
+    calls_wide, _ = head_calls_and_grad(1024)  # a chunk wider than N
+    calls_many, grad_many = head_calls_and_grad(10)  # 10 + 10 + 4: forward, then each recomputed
+    assert calls_full == calls_one == calls_wide == [n]
+    assert calls_many == [10, 10, 4, 4, 10, 10]  # negative control: several chunks are recomputed
+    torch.testing.assert_close(grad_one, grad_full, rtol=0, atol=0)
+    torch.testing.assert_close(grad_many, grad_full, rtol=1e-6, atol=1e-7)
