@@ -42,6 +42,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._buffers: dict[tuple, torch.Tensor] = {}  # the last snapshot's tensors, by place in the dict
+        self._last_save: Future | None = None
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
         self._raise_finished_errors()
@@ -59,9 +60,11 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self._pending = still
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        self.wait()  # the previous snapshot's buffers are reused: its write must be on disk first
+        if self._last_save is not None:  # its buffers are reused: the previous write must be done first
+            self._last_save.exception()  # waits; its error, if any, is raised by _submit below
         snapshot = self._copy(checkpoint, ())
         self._submit(super().save_checkpoint, snapshot, path, storage_options)
+        self._last_save = self._pending[-1]
 
     def _copy(self, value: Any, place: tuple) -> Any:
         """``value`` with every tensor snapshotted (dicts, lists and tuples rebuilt, other values kept)."""
@@ -102,4 +105,5 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._last_save = None
         super().teardown()
