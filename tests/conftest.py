@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_ENGINES: dict[tuple[str, str], object] = {}
+_ENGINES: dict[tuple, object] = {}
 
 
 @pytest.fixture(scope="session")
@@ -31,14 +31,19 @@ def smollm2_path() -> str:
     return resolve_model("smollm2-135m-instruct")
 
 
-def _engine(path: str, dtype: str = "float32", kv_cache_gib: float = 0.5):
-    if (path, dtype) not in _ENGINES:
+def _engine(path: str, dtype: str = "float32", kv_cache_gib: float = 0.5, prefix_caching: bool = False):
+    # Engines live for the whole session: closing one in the middle tears down vLLM's process-wide
+    # parallel groups, and every engine still running then fails ("pipeline model parallel group is
+    # not initialized") or spins in its scheduler
+    key = (path, dtype, prefix_caching)
+    if key not in _ENGINES:
         from lit_dash.engines.vllm_engine import VLLMEngine
 
-        _ENGINES[path, dtype] = VLLMEngine(
-            path, seed=0, kv_cache_gib=kv_cache_gib, max_model_len=512, dtype=dtype
-        )
-    return _ENGINES[path, dtype]
+        _ENGINES[key] = VLLMEngine(
+            path, seed=0, kv_cache_gib=kv_cache_gib, max_model_len=512, dtype=dtype,
+            prefix_caching=prefix_caching,
+        )  # fmt: skip
+    return _ENGINES[key]
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +56,12 @@ def tiny_engine(tiny_model_path):
 def tiny_engine_bf16(tiny_model_path):
     """A bfloat16 vLLM engine on the tiny random Llama, for the bf16 numerics (started on first use)."""
     return _engine(tiny_model_path, "bfloat16", kv_cache_gib=0.25)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_prefix_cached(tiny_model_path):
+    """A float32 engine on the tiny model with prefix caching on (started on first use)."""
+    return _engine(tiny_model_path, kv_cache_gib=0.25, prefix_caching=True)
 
 
 @pytest.fixture(scope="session")

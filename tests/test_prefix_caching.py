@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_dash.engines import SamplingConfig
-from lit_dash.engines.vllm_engine import VLLMEngine
 
 # longer than one KV block (vLLM caches whole blocks: 128 tokens on CPU by default), sharing the preamble
 PREAMBLE = "Here is a long shared preamble of text that every prompt starts with. " * 12
@@ -17,22 +16,14 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_engine, tiny_model_path):
-    """The session's engine and a second one with the opposite prefix-caching setting; both get the
-    initial weights back after."""
-    other = VLLMEngine(
-        tiny_model_path,
-        seed=0,
-        kv_cache_gib=0.25,
-        max_model_len=512,
-        dtype="float32",
-        prefix_caching=not tiny_engine.prefix_caching,
-    )
-    cached, plain = (tiny_engine, other) if tiny_engine.prefix_caching else (other, tiny_engine)
-    yield cached, plain
+def engines(tiny_engine, tiny_engine_prefix_cached, tiny_model_path):
+    """The session's engine (prefix caching off) and the session's prefix-cached one; both get the initial
+    weights back after. Neither is closed here (see conftest: closing one breaks the others)."""
+    assert not tiny_engine.prefix_caching and tiny_engine_prefix_cached.prefix_caching
+    yield tiny_engine_prefix_cached, tiny_engine
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict()
-    tiny_engine.load_weights(initial.items())
-    other.close()
+    for engine in (tiny_engine, tiny_engine_prefix_cached):
+        engine.load_weights(initial.items())
 
 
 def _greedy(engine):
