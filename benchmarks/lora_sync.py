@@ -26,14 +26,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
-
-
-def _prompts(tokenizer, count: int) -> list[str]:
-    from lit_dash.data.formatting import format_prompts
-    from lit_dash.data.sources import load_problems
-
-    problems = load_problems("arithmetic", split="train", difficulty="add2", num_problems=count, seed=0)
-    return format_prompts(problems, tokenizer, "chat", "Put your final answer within \\boxed{}.")
+from prefix_caching import _prompts  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def _randomise_adapters(policy: torch.nn.Module, step: int) -> None:
@@ -75,7 +68,7 @@ def main() -> None:
 
     # --- merged push into a plain engine (lit_dash's WeightSync under LoRA)
     engine = VLLMEngine(path, seed=0, kv_cache_gib=args.kv_cache_gib, max_model_len=512, dtype=dtype)
-    prompts = _prompts(engine.tokenizer, args.prompts)
+    prompts = _prompts(engine.tokenizer, args.prompts, seed=0)
     syncs, rates = [], []
     for step in range(args.steps):
         _randomise_adapters(policy, step)
