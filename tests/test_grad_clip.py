@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from fitting import fit
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
@@ -63,19 +64,8 @@ def _fit(engine, max_grad_norm: float | None) -> ClipProbe:
         max_prompt_tokens=64,
         engine=EngineConfig(kind="vllm", dtype="float32"),
     )
-    data.engine = engine
     probe = ClipProbe()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        limit_val_batches=0,
-        callbacks=[probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=data)
+    fit(module, data, engine=engine, max_steps=2, callbacks=[probe])
     return probe
 
 

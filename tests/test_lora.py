@@ -8,6 +8,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from fitting import fit
 from test_parity import NoSync, _fit, restore_engine_weights
 from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
@@ -207,19 +208,17 @@ def _fit_with(engine, module, callbacks, steps: int, root, ckpt_path=None) -> L.
         max_prompt_tokens=64,
         engine=EngineConfig(kind="vllm", dtype="float32"),
     )
-    data.engine = engine
-    trainer = L.Trainer(
-        accelerator="cpu",
+    # enable_checkpointing: Lightning's own ModelCheckpoint writes under root when none is given
+    return fit(
+        module,
+        data,
+        engine=engine,
         max_steps=steps,
-        limit_val_batches=0,
         callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,  # Lightning's own ModelCheckpoint writes there when none is given
+        root=root,
+        ckpt_path=ckpt_path,
+        enable_checkpointing=True,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return trainer
 
 
 @pytest.mark.engine

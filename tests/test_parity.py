@@ -7,6 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from fitting import fit
 from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
 
@@ -77,19 +78,7 @@ def _fit(engine, module, callbacks, steps: int = 2, filter_threshold: float | No
         max_prompt_tokens=64,
         engine=EngineConfig(kind="vllm", dtype=str(engine.dtype).removeprefix("torch.")),
     )
-    data.engine = engine  # the session's engine: no start-up
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        limit_val_batches=0,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=data)
-    return trainer
+    return fit(module, data, engine=engine, max_steps=steps, callbacks=callbacks)  # the session's engine
 
 
 @pytest.fixture(params=["float32", "bfloat16"])

@@ -9,6 +9,7 @@ from dataclasses import replace
 import lightning as L
 import pytest
 import torch
+from fitting import fit
 from transformers import AutoModelForCausalLM
 
 from lit_dash.callbacks import StepCheckpoint
@@ -213,22 +214,9 @@ class SkipLog(L.Callback):
 
 
 def _fit(root, engine, module, data, *, max_steps, callbacks=(), ckpt_path=None):
-    data.engine = engine
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=any(isinstance(c, StepCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        default_root_dir=root,
+    return fit(
+        module, data, engine=engine, max_steps=max_steps, callbacks=callbacks, root=root, ckpt_path=ckpt_path
     )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return trainer
 
 
 def _data(cls=RolloutDataModule, train=TRAIN, **kw):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from fitting import fit
 from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
 
@@ -58,23 +58,7 @@ def _fit(root, engine, module, *, max_steps=-1, callbacks=(), data_cls=RolloutDa
         engine=EngineConfig(kind="vllm", kv_cache_gib=0.5),
     )
     knobs.update(data_kwargs)
-    data = data_cls(**knobs)
-    data.engine = engine
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        default_root_dir=root,
-    )
-    trainer.fit(module, datamodule=data)
-    return trainer
+    return fit(module, data_cls(**knobs), engine=engine, max_steps=max_steps, callbacks=callbacks, root=root)
 
 
 # ---- KL -------------------------------------------------------------------------------------------------
