@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -168,6 +169,27 @@ def test_a_background_write_saves_the_step_it_was_asked_for_and_runs_off_the_cal
     io.teardown()
     saved = torch.load(target, weights_only=True)["state_dict"]["w"]
     assert torch.equal(saved, torch.zeros(8)) is snapshot
+
+
+class _Pair(NamedTuple):  # module level: the checkpoint pickles it
+    weights: torch.Tensor
+    count: int
+
+
+def test_background_snapshots_reach_tensors_inside_namedtuples_and_keep_their_type(tmp_path):
+    from lit_dash.callbacks.background_io import BackgroundCheckpointIO
+
+    io = BackgroundCheckpointIO()
+    release = _blocked_worker(io)
+    weights = torch.zeros(4)
+    io.save_checkpoint({"loops": {"pair": _Pair(weights, 3), "list": [weights]}}, tmp_path / "a.ckpt")
+    weights.add_(1.0)  # changed in place before the worker writes
+    release.set()
+    io.teardown()
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=False)["loops"]
+    assert type(saved["pair"]) is _Pair and saved["pair"].count == 3
+    assert torch.equal(saved["pair"].weights, torch.zeros(4)), "the namedtuple's tensor was not snapshotted"
+    assert torch.equal(saved["list"][0], torch.zeros(4))
 
 
 def test_background_snapshots_reuse_their_buffers_and_still_save_each_steps_values(tmp_path):

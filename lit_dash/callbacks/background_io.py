@@ -79,8 +79,9 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
                 return type(value)(out)
             except TypeError:
                 return out
-        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-            return type(value)(self._copy(v, (*place, i)) for i, v in enumerate(value))
+        if isinstance(value, (list, tuple)):
+            items = [self._copy(v, (*place, i)) for i, v in enumerate(value)]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuple
         return value
 
     def remove_checkpoint(self, path) -> None:
