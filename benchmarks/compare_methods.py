@@ -39,15 +39,13 @@ import argparse
 import copy
 import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from cli_runs import run_logged  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 RL_CONFIG = REPO / "configs" / "demo.yaml"
@@ -108,17 +106,7 @@ def launch(method: str, seed: int, args: argparse.Namespace) -> dict:
     config.write_text(yaml.safe_dump(run_config(method, seed, args, root), sort_keys=False))
     subcommand = "validate" if method == "base" else "fit"
     command = [sys.executable, "-m", "lit_dash.cli", subcommand, "--config", str(config)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    print(f"[compare_methods] {method} seed {seed}: {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    with (root / "output.log").open("w") as log:
-        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - start
-    if code != 0:
-        tail = (root / "output.log").read_text().splitlines()[-15:]
-        raise RuntimeError(
-            f"{method} seed {seed} failed (exit {code}); end of {root}/output.log:\n" + "\n".join(tail)
-        )
+    wall = run_logged(command, root, f"compare_methods {method} seed {seed}")
     return read_run(method, seed, root, wall, args)
 
 

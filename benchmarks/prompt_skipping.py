@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from cli_runs import run_logged  # benchmarks/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ("no_skip", "skip")
@@ -121,15 +120,7 @@ def run_one(args: argparse.Namespace, setting: str, seed: int) -> dict:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     cmd = fit_command(args, setting, seed, root)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    print(f"[prompt_skipping] {setting} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-    start = time.perf_counter()
-    with (root / "output.log").open("w") as log:
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - start
-    if code != 0:
-        tail = "\n".join((root / "output.log").read_text().splitlines()[-15:])
-        raise RuntimeError(f"{setting} seed {seed} failed (exit {code}); end of {root}/output.log:\n{tail}")
+    wall = run_logged(cmd, root, f"prompt_skipping {setting} seed {seed}")
     log_dir = find_log_dir(root)
     run = summarize_run(read_scalars(log_dir), read_timing(log_dir), args.eval_tag)
     run.update(process_wall_s=wall, log_dir=str(log_dir), command=cmd[1:])
