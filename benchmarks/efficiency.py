@@ -686,6 +686,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--max-new-tokens needs positive token counts and --steps >= 1")
     # the demo's max_prompt_tokens (128) + the longest completion (its eval_max_new_tokens is 64)
     args.max_model_len = args.max_model_len or 128 + max(64, *lengths)
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
 
     shared: dict = {}
     results = []
