@@ -6,6 +6,7 @@ rollouts (P prompts x G, the demo's sampling), checks that the completions are t
 and prints the generation time and tokens/s of each, with their ratio.
 
     python benchmarks/prefix_caching.py                       # SmolLM2-135M, demo shapes
+    python benchmarks/prefix_caching.py --reverse             # the same, settings run last to first
     python benchmarks/prefix_caching.py --model tiny-llama --rollouts 1   # smoke test
 """
 
@@ -87,12 +88,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="benchmarks/results/prefix_caching.json")
+    parser.add_argument(
+        "--reverse", action="store_true", help="run the settings last to first (to see an order effect)"
+    )
     args = parser.parse_args(argv)
     from lit_dash.models import resolve_model
 
     path = resolve_model(args.model)
     shape = (path, args.rollouts, args.prompts, args.group, args.max_new_tokens, args.dtype)
-    runs = {name: run(setting, *shape) for name, setting in SETTINGS.items()}
+    order = list(SETTINGS.items())[:: -1 if args.reverse else 1]
+    runs = {name: run(setting, *shape) for name, setting in order}
+    runs = {name: runs[name] for name in SETTINGS}  # the table in the usual order either way
     identical = {f"{a} = {b}": runs[a][1] == runs[b][1] for a, b in SAME_BLOCK}
     same = all(identical.values())
     result = {
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             "group": args.group,
             "max_new_tokens": args.max_new_tokens,
         },
+        "run_order": [name for name, _ in order],
         "settings": {name: timing for name, (timing, _) in runs.items()},
         "identical_completions": same,
         "identical_by_pair": identical,
