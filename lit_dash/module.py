@@ -845,6 +845,10 @@ class DashModule(L.LightningModule):
         metrics["train/skipped_completions_total"] = metrics["train/skipped_prompts_total"] * float(
             self.last_rollout.group_size
         )
+        if history is not None:  # does "uniform before" predict "uniform again"? (data.skipping)
+            metrics["train/predicted_uniform_sampled_total"] = float(history.predicted_uniform_sampled)
+            if history.predicted_uniform_sampled:  # the same on every rank: every rank logs it or none
+                metrics["train/predicted_uniform_confirmed_fraction"] = history.confirmed_fraction
         metrics = world_values(metrics, self._rollout_weights(self.last_rollout), self.device)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=1)

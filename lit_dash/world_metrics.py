@@ -66,6 +66,8 @@ TRAIN_REDUCTIONS: dict[str, str] = {
     "train/skipped_long_prompts": SAME,
     "train/skipped_prompts_total": SAME,  # the datamodule's world total (gathered every step)
     "train/skipped_completions_total": SAME,
+    "train/predicted_uniform_sampled_total": SAME,
+    "train/predicted_uniform_confirmed_fraction": SAME,
 }
 DEFAULT_REDUCTION = "ranks"  # a scalar a subclass adds: the mean of the ranks' values
 

@@ -4,6 +4,7 @@ before any engine starts, and a resumed run that takes the uninterrupted run's d
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import lightning as L
@@ -59,6 +60,20 @@ def test_a_rollout_whose_every_prompt_would_be_skipped_explores_the_smallest_dra
     assert skip == [p != smallest for p in ids]
 
 
+def test_sampled_predicted_uniform_prompts_measure_how_often_the_prediction_holds():
+    history = SkipHistory(PromptSkipping(history=2, explore=0.2))
+    history.record([("a", True), ("b", True), ("c", False)] * 2)  # a, b predicted uniform; c not
+    assert history.predicted_uniform_sampled == 0 and math.isnan(history.confirmed_fraction)
+    history.record([("a", True), ("b", False), ("c", True)])  # a confirmed, b not; c was not predicted
+    assert (history.predicted_uniform_sampled, history.predicted_uniform_confirmed) == (2, 1)
+    history.record([("a", True), ("b", True), ("c", True)])  # a again; b's history is now [False, True]
+    assert (history.predicted_uniform_sampled, history.predicted_uniform_confirmed) == (3, 2)
+    assert history.confirmed_fraction == pytest.approx(2 / 3)
+    again = SkipHistory(PromptSkipping(history=2, explore=0.2))
+    again.load_state_dict(history.state_dict())  # in the checkpoint: a resume keeps counting
+    assert (again.predicted_uniform_sampled, again.predicted_uniform_confirmed) == (3, 2)
+
+
 @pytest.mark.parametrize(
     "knobs, match",
     [
@@ -104,7 +119,12 @@ def test_fit_refuses_a_bad_skipping_knob_before_any_engine_or_model(tmp_path, mo
 def test_the_skip_tags_have_world_reductions():
     for tag in ("skipped_prompts", "skipped_completions", "sampled_completions"):
         assert TRAIN_REDUCTIONS[f"train/{tag}"] == "sum"
-    assert TRAIN_REDUCTIONS["train/skipped_completions_total"] == "same"
+    for tag in (
+        "skipped_completions_total",
+        "predicted_uniform_sampled_total",
+        "predicted_uniform_confirmed_fraction",
+    ):
+        assert TRAIN_REDUCTIONS[f"train/{tag}"] == "same"
 
 
 # ---- the buffer -------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ whose last ``history`` sampled groups were all uniform is predicted uniform agai
 probability ``explore`` (so a prompt the policy has learned, or forgotten, can come back). Each decision is
 a pure function of (run seed, rollout index, problem id): a hash, no global RNG, so a run and its resume
 take the same decisions. Skipped prompts record no outcome; their history stays as it was.
+
+Whether the prediction holds is measured on the predicted-uniform prompts that were sampled anyway (by
+``explore``, or because a rollout keeps one prompt): ``predicted_uniform_sampled`` counts them and
+``predicted_uniform_confirmed`` those whose new group was uniform again, so a run shows how stale its
+history is (a policy that learns fast makes yesterday's all-wrong prompts learnable today).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class SkipHistory:
         self.config = config
         self.outcomes: dict[str, list[bool]] = {}  # problem id -> last `history` outcomes, oldest first
         self.skipped_prompts_total = 0
+        self.predicted_uniform_sampled = 0  # sampled prompts that had been predicted uniform
+        self.predicted_uniform_confirmed = 0  # ... whose new group was uniform again
 
     def predicted_uniform(self, problem_id: str) -> bool:
         recent = self.outcomes.get(problem_id, [])
@@ -73,8 +80,12 @@ class SkipHistory:
         return skip
 
     def record(self, outcomes: Sequence[tuple[str, bool]]) -> None:
-        """Add sampled groups' outcomes (problem id, uniform), in order; keep the last ``history``."""
+        """Add sampled groups' outcomes (problem id, uniform), in order; keep the last ``history``. A
+        prompt predicted uniform before its outcome is added tests the prediction."""
         for pid, uniform in outcomes:
+            if self.predicted_uniform(pid):
+                self.predicted_uniform_sampled += 1
+                self.predicted_uniform_confirmed += bool(uniform)
             recent = self.outcomes.setdefault(pid, [])
             recent.append(bool(uniform))
             del recent[: -self.config.history]
@@ -83,8 +94,20 @@ class SkipHistory:
         return {
             "outcomes": {pid: list(v) for pid, v in self.outcomes.items()},
             "skipped_prompts_total": self.skipped_prompts_total,
+            "predicted_uniform_sampled": self.predicted_uniform_sampled,
+            "predicted_uniform_confirmed": self.predicted_uniform_confirmed,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.outcomes = {pid: [bool(x) for x in v] for pid, v in state["outcomes"].items()}
         self.skipped_prompts_total = int(state.get("skipped_prompts_total", 0))
+        self.predicted_uniform_sampled = int(state.get("predicted_uniform_sampled", 0))
+        self.predicted_uniform_confirmed = int(state.get("predicted_uniform_confirmed", 0))
+
+    @property
+    def confirmed_fraction(self) -> float:
+        """Of the sampled predicted-uniform prompts so far, the fraction whose group was uniform again
+        (NaN before the first)."""
+        if not self.predicted_uniform_sampled:
+            return float("nan")
+        return self.predicted_uniform_confirmed / self.predicted_uniform_sampled
