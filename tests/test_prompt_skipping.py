@@ -233,12 +233,6 @@ class SkipLog(L.Callback):
         )
 
 
-def _fit(root, engine, module, data, *, max_steps, callbacks=(), ckpt_path=None):
-    return fit(
-        module, data, engine=engine, max_steps=max_steps, callbacks=callbacks, root=root, ckpt_path=ckpt_path
-    )
-
-
 def _data(cls=RolloutDataModule, train=TRAIN, **kw):
     knobs = dict(
         train=train,
@@ -273,7 +267,7 @@ def test_skipping_uniform_groups_leaves_the_gradient_exactly_as_it_was(tmp_path,
             data.skip_history.record([(pid, True) for pid in uniform])
         module = ByAnswer(model="tiny-llama", precision="float32", max_grad_norm=None, seed=0)
         capture = GradCapture()
-        trainer = _fit(tmp_path / label, engine, module, data, max_steps=1, callbacks=[capture])
+        trainer = fit(module, data, engine=engine, max_steps=1, callbacks=[capture], root=tmp_path / label)
         grads[label] = capture.grads[0]
         denominators[label] = float(trainer.callback_metrics["train/loss_denominator_completions"])
         skipped[label] = float(trainer.callback_metrics["train/skipped_completions"])
@@ -309,7 +303,15 @@ def test_a_resumed_run_takes_the_uninterrupted_runs_skip_decisions(tmp_path, eng
         data = _data(train=train, prompt_skipping=PromptSkipping(history=1, explore=0.5))
         module = ByAnswer(model="tiny-llama", precision="float32", seed=0, lr=1e-4)
         callbacks = [log, *callbacks]
-        _fit(tmp_path / label, engine, module, data, max_steps=4, callbacks=callbacks, ckpt_path=ckpt_path)
+        fit(
+            module,
+            data,
+            engine=engine,
+            max_steps=4,
+            callbacks=callbacks,
+            root=tmp_path / label,
+            ckpt_path=ckpt_path,
+        )
         return log.rows, data
 
     every_two = StepCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1)
