@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import reward_faults
@@ -209,6 +210,19 @@ def test_a_thread_counts_into_a_scope_only_in_a_copy_of_its_context():
             thread.start()
             thread.join(timeout=30)
     assert events.completions == 2
+
+
+def test_the_timeout_warning_names_the_fraction_once():
+    from lit_dash.data.buffer import RolloutBuffer
+    from lit_dash.rewards import RewardEvents
+
+    buffer = RolloutBuffer(engine=None, sampling=None)
+    buffer._check_reward_timeouts(RewardEvents(completions=100, timeouts=5))  # 5%: not above it
+    with pytest.warns(UserWarning, match=r"6 of the 100 completions .* \(6%, above 5%\) scored 0.0"):
+        buffer._check_reward_timeouts(RewardEvents(completions=100, timeouts=6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        buffer._check_reward_timeouts(RewardEvents(completions=100, timeouts=50))  # once per buffer
 
 
 def test_a_reward_error_from_the_workers_is_not_bisected_or_blamed_on_a_completion():
