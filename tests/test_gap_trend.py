@@ -18,6 +18,10 @@ def _first_flag(gaps, **kwargs):
 def test_the_stale_bf16_engine_of_the_demo_is_flagged_at_its_fourth_step():
     # the bisection's logged gaps: every one under the bf16 level threshold of 0.1 but the last
     assert _first_flag([0.03, 0.10, 0.13, 0.18], floor=0.01) == 4
+    # measured on a bf16-native CPU, seed 1, mixed precisions (weights leaving the bf16 grid): an fp32
+    # trainer beside a bf16 engine, and a bf16 trainer beside an fp32 engine (still rising, barely, at 4)
+    assert _first_flag([0.0323, 0.0944, 0.1668, 0.2363], floor=0.01) == 4
+    assert _first_flag([0.0288, 0.0985, 0.1591, 0.162], floor=0.01) == 4
 
 
 def test_kernel_noise_is_not_a_trend():

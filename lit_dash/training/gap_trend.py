@@ -2,10 +2,13 @@
 
 An engine that serves stale weights (a push that does not take, a packed copy of a layer that a reload
 does not refresh) drifts away from the policy as the policy moves, so its gap grows with every optimizer
-step: 0.03, 0.10, 0.13, 0.18 nats in the bf16 bisection of the demo, all of it under the 16-bit level
-threshold of 0.1 until the last step. Kernel noise does not look like that: a synced bf16 engine's gap
-wanders around one level (0.036-0.042 on the demo, measured on an AMD EPYC with AVX512-BF16), and an fp32
-one stays near 1e-7.
+step. So does a trainer and an engine of different precisions on weights that start on the bf16 grid:
+the demo's SmolLM2 is dequantized from a 4-bit GGUF, every initial weight is exact in bf16, and each
+AdamW step moves the fp32 master weights off that grid, so the bf16 side's rounding grows from nothing to
+half an ulp of every weight (measured on the demo, fp32 trainer + bf16 engine: 0.03, 0.09, 0.17, 0.24
+nats; bf16 trainer + fp32 engine: 0.03, 0.10, 0.16, 0.16), mostly under the 16-bit level threshold of 0.1.
+Kernel noise does not look like that: a bf16 engine beside a bf16 trainer wanders around one level
+(0.036-0.042 on the demo, AMD EPYC with AVX512-BF16), and an fp32 pair stays near 1e-7.
 
 So the guard also flags ``steps`` rises in a row that end at least ``factor`` times where they started and
 above ``floor`` (a tenth of the level threshold: fp32 noise doubling from 1e-7 to 2e-7 is no signal).
@@ -50,8 +53,9 @@ class GapTrend:
         shown = ", ".join(f"{g:.4f}" for g in run)
         return (
             f"the gap rose at each of the last {self.steps} steps ({shown} nats per token), "
-            f"{run[-1] / max(run[0], 1e-12):.1f}x in all: an engine falling behind the policy (stale weights) "
-            "looks like this, kernel noise does not"
+            f"{run[-1] / max(run[0], 1e-12):.1f}x in all: an engine falling behind the policy (stale weights), "
+            "or a trainer and an engine of different precisions (model.precision against data.engine.dtype) "
+            "whose weights leave the bf16 grid, look like this; kernel noise does not"
         )
 
     def state_dict(self) -> dict:
