@@ -33,6 +33,7 @@ from lit_dash.hardware import resolve_dtype
 from lit_dash.lora import apply_lora, is_lora, lora_config, parameter_bytes
 from lit_dash.models import check_model_name, resolve_model
 from lit_dash.rewards import math_rewards
+from lit_dash.training.gap_trend import GapTrend
 from lit_dash.world_metrics import world_values
 
 UPDATE_MODES = ("dash", "multi", "mini")
@@ -235,6 +236,8 @@ class DashModule(L.LightningModule):
         self._resolved: str | None = None
         self.last_engine_gap: dict[str, float] | None = None  # the last step's parity figures
         self._parity_warned_at = 0.0  # the largest gap warned about so far (warn mode)
+        self._gap_trend = GapTrend()  # a gap rising step after step, under the level threshold
+        self._trend_warned = False
 
     # ---- models -------------------------------------------------------------------------------------
 
@@ -772,6 +775,18 @@ class DashModule(L.LightningModule):
         figures = {"train/engine_logprob_gap": mean, "train/engine_logprob_gap_max": gap_max}
         check = self.hparams.parity_check
         threshold = self.parity_threshold(rollout)
+        self._gap_trend.floor = threshold / 10  # fp32 noise doubling from 1e-7 is no trend
+        trend = self._gap_trend.update(mean)
+        if check != "off" and trend is not None and mean <= threshold:
+            message = (
+                f"step {self.global_step}: {trend}. Pin model.precision and data.engine.dtype to the same "
+                "dtype to tell the two apart; model.parity_check: off silences this"
+            )
+            if check == "error":
+                raise EngineParityError(message)
+            if not self._trend_warned:
+                self._trend_warned = True
+                rank_zero_warn(message + " (model.parity_check: warn; warned once)")
         if check == "off" or mean <= threshold:
             return figures
         message = self._parity_message(mean, gap_max, gap_tokens, threshold, rollout)

@@ -176,3 +176,28 @@ def test_a_wrong_trainer_temperature_shows_a_larger_gap(tiny_engine):
     right, wrong = gap(TEMPERATURE), gap(1.0)
     assert right < 1e-4
     assert wrong > 100 * right and wrong > 0.01, (right, wrong)
+
+
+def test_a_gap_that_rises_every_step_trips_the_guard_under_the_level_threshold(tiny_engine):
+    """A stale engine whose gap stays under the level threshold is still stopped: at lr 3e-5 the policy
+    drifts from the weights the engine keeps by 0, 0.009, 0.015, 0.017 nats (measured), under a threshold
+    of 0.05: three rises in a row to at least twice where they started (lit_dash/training/gap_trend.py)."""
+    module = ParityRewardModule(
+        model="tiny-llama", lr=3e-5, precision="float32", parity_check="error", parity_threshold=0.05, seed=0
+    )
+    with pytest.raises(EngineParityError, match="rose at each of the last 3 steps") as err:
+        _fit(tiny_engine, module, [NoSync()], steps=8)
+    assert 3 <= module.global_step < 8 and "different precisions" in str(err.value)
+
+
+def test_a_synced_run_shows_no_trend(tiny_engine, tiny_model_path):
+    """Negative control: the same fit with the engine synced runs all its steps in error mode (its gap
+    stays near 1e-7, under the trend's floor of a tenth of the threshold)."""
+    module = ParityRewardModule(
+        model="tiny-llama", lr=3e-5, precision="float32", parity_check="error", parity_threshold=0.05, seed=0
+    )
+    try:
+        trainer = _fit(tiny_engine, module, [], steps=6)
+        assert trainer.global_step == 6
+    finally:
+        restore_engine_weights(tiny_engine, tiny_model_path)
