@@ -1,4 +1,6 @@
-"""What a checkpoint needs beyond Lightning's own: every rank's random-number generator states.
+"""What a checkpoint needs beyond Lightning's own: every rank's random-number generator states, and the
+edits of the state dict that keep it small (no copy of the frozen reference; under LoRA, the adapters
+alone), undone on load so Lightning's strict load still sees every key.
 
 Lightning saves weights, optimizer, scheduler, loops and the datamodule's ``state_dict``, but no RNG
 state. vLLM's CPU sampler draws from torch's global generator, so with these restored (at the start of
@@ -15,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+REFERENCE_PREFIX = "reference."  # the frozen KL reference's keys in the module's state dict
 
 
 def _distributed() -> bool:
@@ -68,3 +72,24 @@ def restore_rng_states(states_by_rank: list[dict[str, Any]] | None) -> bool:
         return False
     _restore(states_by_rank[rank])
     return True
+
+
+def drop_reference(state_dict: dict[str, Any]) -> None:
+    """Remove the frozen reference's weights: it is the base model, loaded again on resume, and a copy
+    of it in every checkpoint would add a model's size."""
+    for key in [k for k in state_dict if k.startswith(REFERENCE_PREFIX)]:
+        del state_dict[key]
+
+
+def restore_reference(state_dict: dict[str, Any], reference: dict[str, Any]) -> None:
+    """Put the reference's weights (the base model's, just loaded) back where :func:`drop_reference`
+    took them from; keys the checkpoint holds win."""
+    for key, value in reference.items():
+        state_dict.setdefault(REFERENCE_PREFIX + key, value)
+
+
+def with_frozen_base(state_dict: dict[str, Any], module_state: dict[str, Any]) -> dict[str, Any]:
+    """An adapter-only checkpoint's weights with the frozen base's (``module_state``, as loaded from
+    disk) filled back in."""
+    frozen = {k: v for k, v in module_state.items() if k not in state_dict}
+    return {**frozen, **state_dict}
