@@ -2,6 +2,9 @@
 
     lit-dash fit --config configs/demo.yaml --model lit_dash.rewards.examples.FormatBonusModule
 
+(that path, the README's, re-exports this one: the example subclasses the module, so
+it lives above it, not in the ``rewards`` leaf package)
+
 Correct answers still score 1.0; a wrong answer that is at least put in ``\\boxed{}`` earns a small
 bonus, which gives the policy a gradient toward the answer format even when no sample in a group is right.
 """

@@ -49,7 +49,7 @@ from typing import Any
 
 import pebble
 
-from lit_dash.data.sources import last_boxed
+from lit_dash.rewards.boxed import last_boxed
 
 __all__ = [
     "extract_answer",
