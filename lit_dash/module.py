@@ -5,84 +5,47 @@ Optimisation is manual because the number of micro-batches that survive filterin
 The loss of a step is normalised by step-wide counts, so it is the same however the kept completions
 were split into micro-batches.
 
-The hooks here are thin: the log-probs, the loss, the parity guard, the optimizer and the ranks' plumbing
-live in :mod:`lit_dash.training`, one concern a file; what the module and the datamodule ask of each
-other is written down in :mod:`lit_dash.contract`.
+The hooks here are thin: the models and their log-probs (:class:`~lit_dash.training.policy.PolicyModels`),
+the loss, the parity guard, the optimizer and the ranks' plumbing live in :mod:`lit_dash.training`, one
+concern a file; validate / test / predict in :mod:`lit_dash.eval_hooks`; what the module and the
+datamodule ask of each other in :mod:`lit_dash.contract`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from transformers import AutoModelForCausalLM
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_dash import losses
-from lit_dash.checkpointing import (
-    REFERENCE_PREFIX,
-    drop_reference,
-    restore_reference,
-    restore_rng_states,
-    rng_states_by_rank,
-    with_frozen_base,
-)
+from lit_dash.checkpointing import CheckpointHooks
 from lit_dash.contract import RolloutData
 from lit_dash.data.batches import MicroBatch
 from lit_dash.data.buffer import Rollout
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Engine
 from lit_dash.errors import ConfigError
-from lit_dash.evaluation import EvalResult, Evaluator, shard, summarize, write_jsonl
-from lit_dash.hardware import resolve_dtype
-from lit_dash.lora import adapter_state, apply_lora, is_lora, lora_config, merged_model, parameter_bytes
+from lit_dash.eval_hooks import EvalHooks
+from lit_dash.evaluation import EvalResult, shard
+from lit_dash.lora import lora_config
 from lit_dash.models import check_model_name, resolve_model
 from lit_dash.rewards import math_rewards
 from lit_dash.step_metrics import rollout_weights, step_metrics
-from lit_dash.training import distributed, policy, update
-from lit_dash.training.optim import (
-    NonFiniteLossError,
-    build_optimizer,
-    clip_global_norm,
-    nonfinite_warning,
-    optim_problems,
-)
-from lit_dash.training.parity import (
-    PARITY_CHECKS,
-    PARITY_THRESHOLD_FP32,
-    PARITY_THRESHOLD_LOW_PRECISION,
-    EngineParityError,
-    GapParts,
-    ParityGuard,
-    default_parity_threshold,
-    gap_sums,
-    parity_message,
-    parity_problems,
-)
-from lit_dash.training.update import NORMALIZE_OVER, UPDATE_MODES, UpdateSpec
+from lit_dash.training import distributed, optim, parity, policy, update
+from lit_dash.training.optim import NonFiniteLossError
+from lit_dash.training.parity import EngineParityError, default_parity_threshold  # their old import path
+from lit_dash.training.policy import PolicyModels
+from lit_dash.training.update import UpdateSpec, budget_problems
 from lit_dash.world_metrics import world_values
 
-# the names lit_dash.module has always exported, now defined in lit_dash.training
-__all__ = [
-    "NORMALIZE_OVER",
-    "PARITY_CHECKS",
-    "PARITY_THRESHOLD_FP32",
-    "PARITY_THRESHOLD_LOW_PRECISION",
-    "UPDATE_MODES",
-    "DashModule",
-    "EngineParityError",
-    "NonFiniteLossError",
-    "default_parity_threshold",
-]
+__all__ = ["DashModule", "EngineParityError", "NonFiniteLossError", "default_parity_threshold"]
 
 
-class DashModule(L.LightningModule):
+class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
     """GRPO-family policy optimisation with DASH's one-step-per-rollout update.
 
     Args:
@@ -191,16 +154,13 @@ class DashModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        errors = UpdateSpec.from_hparams(self.hparams).problems()
-        errors += optim_problems(max_grad_norm, lr_schedule, max_nonfinite_steps)
-        errors += parity_problems(parity_check, parity_threshold)
-        if max_rollouts is not None and max_rollouts < 1:
-            errors.append(f"max_rollouts must be >= 1 (rollouts) or null, got {max_rollouts}")
-        if logprob_chunk_tokens is not None and logprob_chunk_tokens < 0:
-            errors.append(
-                f"logprob_chunk_tokens must be >= 1 (tokens per LM-head chunk), or 0 / null (unchunked), "
-                f"got {logprob_chunk_tokens}"
-            )
+        errors = [
+            *UpdateSpec.from_hparams(self.hparams).problems(),
+            *optim.optim_problems(max_grad_norm, lr_schedule, max_nonfinite_steps),
+            *parity.parity_problems(parity_check, parity_threshold),
+            *budget_problems(max_rollouts),  # (update: the knob's name shadows the module here)
+            *policy.chunk_problems(logprob_chunk_tokens),
+        ]
         if errors:
             raise ConfigError("model configuration: " + "; ".join(errors))
         if lora is not None:
@@ -225,14 +185,14 @@ class DashModule(L.LightningModule):
         self._val_records: dict[str, list[dict]] = {}
         self._predictions: list[dict] = []
         self._resolved: str | None = None
-        self._parity = ParityGuard()
+        self._parity = parity.ParityGuard()
         self._rng_to_restore: list | None = None
 
-    # ---- what the datamodule reads (lit_dash.contract.RolloutPolicy) ----------------------------------
+    # ---- what the datamodule reads (lit_dash.contract.RolloutPolicy), and the models ---------------------
 
     @property
     def update_spec(self) -> UpdateSpec:
-        """The update's knobs, read from the hyper-parameters when used."""
+        """The update's knobs, read from the hyper-parameters when used (tests and benchmarks set them)."""
         return UpdateSpec.from_hparams(self.hparams)
 
     @property
@@ -255,7 +215,7 @@ class DashModule(L.LightningModule):
 
     @property
     def data(self) -> RolloutData:
-        """The Trainer's datamodule, as the module uses it (lit_dash.contract.RolloutData)."""
+        """The Trainer's datamodule, as the module uses it (:class:`lit_dash.contract.RolloutData`)."""
         return self.trainer.datamodule
 
     def model_path(self) -> str:
@@ -264,79 +224,15 @@ class DashModule(L.LightningModule):
         return self._resolved
 
     def apply_rollout_budget(self) -> None:
-        """``max_rollouts`` becomes the trainer's ``max_steps`` (max_rollouts x steps_per_rollout), so fit
-        stops, and a resumed fit knows where it stands, in Lightning's own terms. RolloutDataModule.setup
-        calls this before the engine starts; ``setup`` again for other datamodules."""
-        budget = self.hparams.max_rollouts
-        if budget is None or self._trainer is None:
-            return
-        steps = budget * self.steps_per_rollout
-        if self.trainer.max_steps not in (-1, steps):
-            raise ConfigError(
-                f"model.max_rollouts={budget} (= {steps} optimizer steps with update={self.update_mode}) and "
-                f"trainer.max_steps={self.trainer.max_steps} are two budgets that disagree: set one "
-                "(trainer.max_steps: -1 lets max_rollouts decide)"
-            )
-        self.trainer.fit_loop.epoch_loop.max_steps = steps
-
-    # ---- models -------------------------------------------------------------------------------------
-
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        self.policy = AutoModelForCausalLM.from_pretrained(self.model_path(), dtype=torch.float32)
-        if self.hparams.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-        self.policy.config.use_cache = False
-        if self.hparams.lora is not None:
-            self._configure_lora()
-        elif self.kl_coef > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(self.model_path(), dtype=torch.float32)
-            self.reference.requires_grad_(False).eval()
-
-    def _configure_lora(self) -> None:
-        """Wrap the policy in peft's LoRA; the frozen base doubles as the KL reference."""
-        if self.hparams.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need a grad input
-            self.policy.enable_input_require_grads()
-        self.policy = apply_lora(self.policy, self.hparams.lora)
-        trainable = parameter_bytes(self.policy, trainable=True)
-        frozen = parameter_bytes(self.policy, trainable=False)
-        saved = f"; reference = base with adapters disabled, {frozen / 2**20:.0f} MiB not loaded twice"
-        rank_zero_info(
-            f"[lit_dash] LoRA: {trainable / 2**20:.1f} MiB of adapters train, {frozen / 2**20:.0f} MiB of "
-            f"base frozen{saved if self.kl_coef > 0 else ''}"
-        )
-
-    @property
-    def lora(self) -> bool:
-        """Whether the policy trains LoRA adapters (model.lora set)."""
-        return is_lora(self.policy)
-
-    @contextlib.contextmanager
-    def _reference_model(self):
-        """The KL reference: the frozen copy, or under LoRA the policy with its adapters disabled."""
-        if self.lora:
-            with self.policy.disable_adapter():
-                yield self.policy
-        else:
-            yield self.reference
-
-    def policy_for_export(self) -> torch.nn.Module:
-        """The policy as a plain transformers model: itself, or under LoRA a merged copy (the trainer's
-        model stays unmerged). lit_dash.lora.merged_state_dict gives the merged weights alone."""
-        return merged_model(self.policy) if self.lora else self.policy
+        """``max_rollouts`` becomes the trainer's ``max_steps``; RolloutDataModule.setup calls this before
+        the engine starts, ``setup`` again for other datamodules."""
+        trainer = self.trainer if self._trainer is not None else None
+        update.apply_rollout_budget(trainer, self.hparams.max_rollouts, self.update_spec)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.apply_rollout_budget()
-            if self.hparams.max_grad_norm is not None and isinstance(
-                self.trainer.strategy, DeepSpeedStrategy
-            ):
-                raise ConfigError(
-                    f"model.max_grad_norm={self.hparams.max_grad_norm} cannot clip under DeepSpeed: ZeRO keeps "
-                    "the gradients in its own partitions and clips them itself (its gradient_clipping setting); "
-                    "set model.max_grad_norm: null"
-                )
+            optim.check_clipping_strategy(self.trainer.strategy, self.hparams.max_grad_norm)
 
     def reward(self, completions: list[str], problems: list[Problem]) -> Sequence[float]:
         """Score each completion (one float each). Override in a subclass for a new reward.
@@ -353,54 +249,83 @@ class DashModule(L.LightningModule):
         )
 
     def configure_optimizers(self):
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
-        if self.hparams.max_rollouts is not None:  # the budget in rollouts, in optimizer steps
-            total = self.hparams.max_rollouts * self.steps_per_rollout
         hp = self.hparams
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        if hp.max_rollouts is not None:  # the budget in rollouts, in optimizer steps
+            total = hp.max_rollouts * self.steps_per_rollout
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        return build_optimizer(params, self.lr, hp.weight_decay, hp.warmup_steps, hp.lr_schedule, total)
+        return optim.build_optimizer(params, self.lr, hp.weight_decay, hp.warmup_steps, hp.lr_schedule, total)
 
-    # ---- log-probs (lit_dash.training.policy) ---------------------------------------------------------
+    def configure_callbacks(self):
+        """Weight sync is not optional: without it the engine keeps sampling from the initial weights."""
+        from lit_dash.callbacks.weight_sync import WeightSync  # the one import of a callback: see README
 
-    def _compute_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.hparams.precision, self.device)
+        if any(isinstance(c, WeightSync) for c in self.trainer.callbacks):
+            return []
+        return [WeightSync()]
 
-    def _autocast(self):
-        return policy.autocast(self._compute_dtype(), self.device)
+    # ---- the training step (lit_dash.training.update, .optim, .distributed) ----------------------------
 
-    def completion_logits(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at completion positions only, ``[N, V]`` for the N completion tokens, and their targets."""
-        return policy.completion_logits(model, mb, self._compute_dtype(), self.device)
-
-    def completion_logprobs(
-        self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``model``'s log-probs ``[N]`` of the completion tokens (and detached entropies), chunked by
-        ``model.logprob_chunk_tokens``; see :func:`lit_dash.training.policy.completion_logprobs`."""
-        chunk = self.hparams.logprob_chunk_tokens
-        return policy.completion_logprobs(model, mb, self._compute_dtype(), self.device, chunk, with_entropy)
-
-    def forward(self, micro_batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs and entropies at the sampling temperature (``logits / T``), ``[b, L-1]``,
-        zero outside the completion positions."""
-        logprobs, entropy = self.completion_logprobs(self.policy, micro_batch, with_entropy=True)
-        return policy.scatter(logprobs, micro_batch, self.device), policy.scatter(
-            entropy, micro_batch, self.device
-        )
-
-    @torch.no_grad()
-    def _logprobs_of(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-        """``model``'s log-probs of the completion tokens at the sampling temperature (policy for PPO's
-        old log-probs, reference for the KL)."""
-        return policy.scatter(self.completion_logprobs(model, mb)[0], mb, self.device)
-
-    # ---- the update (lit_dash.training.update) --------------------------------------------------------
+    def training_step(self, problems: list[Problem], batch_idx: int) -> None:
+        self.phase_seconds = {}
+        rollout = self.last_rollout = self.data.rollout(problems, self.reward)
+        for phase, seconds in rollout.timings.items():
+            self._add_time(phase, seconds)
+        stats = {f"train/{k}": v for k, v in rollout.stats().items()}
+        stats["train/accuracy"] = float((rollout.rewards >= 1.0).float().mean())
+        spec = self.update_spec
+        # per slice, the most micro-batches any rank kept: every rank runs that many backward calls
+        slice_sizes = list(rollout.slice_sizes)
+        most = [int(n) for n in self._reduce_over_ranks(slice_sizes, "max")]
+        first_step, self.update_stats = self.global_step, []
+        if sum(most) == 0:
+            # Nothing informative survived filtering on any rank: counted no-op steps, as many as a rollout
+            # takes. All grads are None, so AdamW leaves every weight untouched; stepping keeps Lightning's
+            # step count (and the budget in rollouts) honest and advances the LR schedule.
+            for n in range(spec.steps_per_rollout):
+                self.skipped_steps += 1
+                if n == 0:  # the guard watches steps that train on nothing too, before any update
+                    stats.update(self._check_parity(*self._probe_gap(rollout), rollout))
+                self.optimizers().zero_grad(set_to_none=True)
+                self._optimizer_step()
+            stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
+            return self._log_step(stats, update.zero_totals(spec), float("nan"))
+        start, ref, old, gap = time.perf_counter(), {}, None, None
+        if spec.kl_coef > 0:
+            with self._reference_model() as reference:
+                ref = {i: self._logprobs_of(reference, mb) for i, mb in enumerate(rollout.micro_batches)}
+        if spec.update != "dash":  # PPO: the ratio is taken against the sampling-time policy
+            old = {i: self._logprobs_of(self.policy, mb) for i, mb in enumerate(rollout.micro_batches)}
+            gap = parity.micro_batch_gaps(rollout.micro_batches, old, self.device)
+        self._add_time("ref_old_logprobs", time.perf_counter() - start)
+        plan = update.update_plan(spec, slice_sizes, most)
+        share = 1.0 / len(plan) if spec.update == "mini" else 1.0  # of the sampled completions
+        # skipped prompts (data.prompt_skipping) count as G zero-advantage completions each
+        sampled = (rollout.counted_completions * share, rollout.counted_tokens * share)
+        totals, grad_norm, checked = update.zero_totals(spec), float("nan"), False
+        for chunk in plan:
+            if not chunk:  # a mini-batch slice with nothing kept on any rank: a counted no-op step
+                self.skipped_steps += 1
+                self._optimizer_step()
+                self.update_stats.append({"loss": 0.0, "skipped": 1.0})
+                continue
+            start = time.perf_counter()
+            totals = self._accumulate(rollout.micro_batches, chunk, old, ref, sampled)
+            on_policy_gap = tuple(totals.pop(k, 0.0) for k in update.GAP_KEYS)
+            self._add_time("forward_backward", time.perf_counter() - start)
+            if not checked:  # the guard, before the first update: stop before training on a mismatch
+                checked = True
+                stats.update(self._check_parity(*(gap if gap is not None else on_policy_gap), rollout))
+            grad_norm = self._optimizer_step(totals["loss"])
+            self.update_stats.append({**totals, "grad_norm": grad_norm})
+        stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
+        self._log_step(stats, totals, grad_norm)
 
     def _add_time(self, phase: str, seconds: float) -> None:
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
 
     def step_counts(self, micro_batches: list[MicroBatch], max_new_tokens: int) -> dict[str, float]:
-        """Step-wide denominators, so the loss does not depend on how the step is split into micro-batches."""
+        """Step-wide denominators (:func:`lit_dash.training.update.step_counts`)."""
         return update.step_counts(micro_batches, max_new_tokens)
 
     def normalizer_weight(self, counts: dict[str, float], sampled: tuple[float, float] | None) -> float:
@@ -415,7 +340,7 @@ class DashModule(L.LightningModule):
         ref_logprobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step loss and of the logged statistics: the module's forward
-        (so a subclass that overrides it trains what it computes), then
+        (a subclass that overrides it trains what it computes), then
         :func:`lit_dash.training.update.micro_batch_loss`."""
         logprobs, entropy = self(mb)
         spec = self.update_spec
@@ -442,7 +367,7 @@ class DashModule(L.LightningModule):
         """
         spec = self.update_spec
         real = [i for i in chunk if i < len(micro_batches)]
-        counts = update.step_counts([micro_batches[i] for i in real], self.last_rollout.max_new_tokens)
+        counts = self.step_counts([micro_batches[i] for i in real], self.last_rollout.max_new_tokens)
         values = self._reduce_over_ranks([*counts.values(), *(sampled or ())], "sum")
         counts = dict(zip(counts, values[: len(counts)], strict=True))
         sampled = tuple(values[len(counts) :]) if sampled else None
@@ -467,8 +392,6 @@ class DashModule(L.LightningModule):
     def _reduce_over_ranks(self, values: list[float], op: str) -> list[float]:
         return distributed.reduce_over_ranks(self._trainer, values, op, self.device)
 
-    # ---- the optimizer step (lit_dash.training.optim) -------------------------------------------------
-
     def _optimizer_step(self, loss: float = 0.0) -> float:
         """Clip and step; a non-finite loss or gradient norm skips the update (the grads are dropped)."""
         optimizer = self.optimizers()
@@ -479,14 +402,9 @@ class DashModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
             self.nonfinite_steps += 1
             self.nonfinite_in_a_row += 1
+            limit = self.hparams.max_nonfinite_steps
             rank_zero_warn(
-                nonfinite_warning(
-                    self.nonfinite_in_a_row,
-                    self.hparams.max_nonfinite_steps,
-                    self.global_step,
-                    loss,
-                    grad_norm,
-                )
+                optim.nonfinite_warning(self.nonfinite_in_a_row, limit, self.global_step, loss, grad_norm)
             )
         else:
             self.nonfinite_in_a_row = 0
@@ -503,87 +421,14 @@ class DashModule(L.LightningModule):
         def clip_local(max_norm: float) -> None:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
-        return clip_global_norm(
-            optimizer, self.trainer.strategy.model, self.hparams.max_grad_norm, clip_local
-        )
-
-    # ---- the training step --------------------------------------------------------------------------
-
-    def training_step(self, problems: list[Problem], batch_idx: int) -> None:
-        self.phase_seconds = {}
-        rollout = self.data.rollout(problems, self.reward)
-        self.last_rollout = rollout
-        for phase, seconds in rollout.timings.items():
-            self._add_time(phase, seconds)
-        stats = {f"train/{k}": v for k, v in rollout.stats().items()}
-        stats["train/accuracy"] = float((rollout.rewards >= 1.0).float().mean())
-        spec = self.update_spec
-        # per slice, the most micro-batches any rank kept: every rank runs that many backward calls
-        slice_sizes = list(rollout.slice_sizes)
-        most = [int(n) for n in self._reduce_over_ranks(slice_sizes, "max")]
-        first_step = self.global_step
-        self.update_stats = []
-        if sum(most) == 0:
-            # Nothing informative survived filtering on any rank: counted no-op steps, as many as a rollout
-            # takes. All grads are None, so AdamW leaves every weight untouched; stepping keeps Lightning's
-            # step count (and the budget in rollouts) honest and advances the LR schedule.
-            for n in range(spec.steps_per_rollout):
-                self.skipped_steps += 1
-                if n == 0:  # the guard watches steps that train on nothing too, before any update
-                    stats.update(self._check_parity(*self._probe_gap(rollout), rollout))
-                self.optimizers().zero_grad(set_to_none=True)
-                self._optimizer_step()
-            stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
-            self._log_step(stats, update.zero_totals(spec), float("nan"))
-            return
-        start = time.perf_counter()
-        ref = {}
-        if spec.kl_coef > 0:
-            with self._reference_model() as reference:
-                ref = {i: self._logprobs_of(reference, mb) for i, mb in enumerate(rollout.micro_batches)}
-        old, gap = None, None
-        if spec.update != "dash":  # PPO: the ratio is taken against the sampling-time policy
-            old = {i: self._logprobs_of(self.policy, mb) for i, mb in enumerate(rollout.micro_batches)}
-            gap = self._gap_of(rollout.micro_batches, old)
-        self._add_time("ref_old_logprobs", time.perf_counter() - start)
-        plan = update.update_plan(spec, slice_sizes, most)
-        share = 1.0 / len(plan) if spec.update == "mini" else 1.0  # of the sampled completions
-        # skipped prompts (data.prompt_skipping) count as G zero-advantage completions each
-        sampled = (rollout.counted_completions * share, rollout.counted_tokens * share)
-        totals, grad_norm = update.zero_totals(spec), float("nan")
-        checked = False  # the parity guard runs on the first step that trains, before its update
-        for chunk in plan:
-            if not chunk:  # a mini-batch slice with nothing kept on any rank: a counted no-op step
-                self.skipped_steps += 1
-                self._optimizer_step()
-                self.update_stats.append({"loss": 0.0, "skipped": 1.0})
-                continue
-            start = time.perf_counter()
-            totals = self._accumulate(rollout.micro_batches, chunk, old, ref, sampled)
-            on_policy_gap = tuple(totals.pop(k, 0.0) for k in update.GAP_KEYS)
-            self._add_time("forward_backward", time.perf_counter() - start)
-            if not checked:  # before the first update: stop here, not after training on a mismatched rollout
-                checked = True
-                stats.update(self._check_parity(*(gap if gap is not None else on_policy_gap), rollout))
-            grad_norm = self._optimizer_step(totals["loss"])
-            self.update_stats.append({**totals, "grad_norm": grad_norm})
-        stats["train/optimizer_steps_per_rollout"] = float(self.global_step - first_step)
-        self._log_step(stats, totals, grad_norm)
+        root = self.trainer.strategy.model
+        return optim.clip_global_norm(optimizer, root, self.hparams.max_grad_norm, clip_local)
 
     def _log_step(self, stats: dict[str, float], totals: dict[str, float], grad_norm: float) -> None:
         """Log the step's scalars as the world's (every rank's rollout, see :mod:`lit_dash.world_metrics`),
         not rank 0's: every rank computes the same values, rank 0's logger writes them."""
-        lr = self.lr_schedulers().get_last_lr()[0]
-        metrics = step_metrics(
-            stats,
-            totals,
-            grad_norm,
-            lr,
-            self.skipped_steps,
-            self.nonfinite_steps,
-            self.data,
-            self.last_rollout,
-        )
+        lr, counters = self.lr_schedulers().get_last_lr()[0], (self.skipped_steps, self.nonfinite_steps)
+        metrics = step_metrics(stats, totals, grad_norm, lr, *counters, self.data, self.last_rollout)
         metrics = world_values(metrics, rollout_weights(self.last_rollout), self.device)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=1)
@@ -596,18 +441,7 @@ class DashModule(L.LightningModule):
         """The last step's parity figures (mean, max, tokens), or None when the engine gave no log-probs."""
         return self._parity.last_gap
 
-    def _gap_of(self, micro_batches: list[MicroBatch], logprobs: dict[int, torch.Tensor]) -> GapParts:
-        """This rank's engine/trainer gap (sum, max, tokens) of ``logprobs``, one per micro-batch."""
-        parts = [
-            losses.logprob_gap(
-                logprobs[i], mb.engine_logprobs.to(self.device), mb.completion_mask.to(self.device)
-            )
-            for i, mb in enumerate(micro_batches)
-            if mb.engine_logprobs is not None
-        ]
-        return gap_sums(parts)
-
-    def _probe_gap(self, rollout: Rollout) -> GapParts:
+    def _probe_gap(self, rollout: Rollout) -> parity.GapParts:
         """The parity gap of a step that kept nothing, on the rollout's probe micro-batch of dropped
         completions: one forward without backward, so the guard also watches steps that train on nothing
         (a stale engine's samples may be exactly the ones filtering drops)."""
@@ -615,7 +449,7 @@ class DashModule(L.LightningModule):
         if probe is None or probe.engine_logprobs is None:
             return 0.0, 0.0, 0.0
         start = time.perf_counter()
-        gap = self._gap_of([probe], {0: self._logprobs_of(self.policy, probe)})
+        gap = parity.micro_batch_gaps([probe], {0: self._logprobs_of(self.policy, probe)}, self.device)
         self._add_time("ref_old_logprobs", time.perf_counter() - start)
         return gap
 
@@ -625,25 +459,17 @@ class DashModule(L.LightningModule):
 
     def parity_threshold(self, rollout: Rollout | None = None) -> float:
         """model.parity_threshold, or the default for this trainer precision, the engine's dtype and the
-        rollout's sampling (truncated by top-k / top-p or not)."""
-        if self.hparams.parity_threshold is not None:
-            return float(self.hparams.parity_threshold)
+        rollout's sampling (:func:`lit_dash.training.parity.threshold_for`)."""
         engine = self._engine()
-        return default_parity_threshold(
-            self._compute_dtype(),
-            engine.dtype if engine is not None else None,
-            truncated=rollout is not None and rollout.truncated_sampling,
-        )
+        dtype = engine.dtype if engine is not None else None
+        return parity.threshold_for(self.hparams.parity_threshold, self._compute_dtype(), dtype, rollout)
 
     def _check_parity(self, gap_sum: float, gap_max: float, gap_tokens: float, rollout: Rollout) -> dict:
         """The step's engine/trainer log-prob gap over all ranks (logged), and the guard on it."""
         gap_sum, gap_tokens = self._reduce_over_ranks([gap_sum, gap_tokens], "sum")
         (gap_max,) = self._reduce_over_ranks([gap_max], "max")
         threshold = self.parity_threshold(rollout) if gap_tokens else 0.0
-
-        def message(mean: float, most: float, tokens: float, threshold: float) -> str:
-            return self._parity_message(mean, most, tokens, threshold, rollout)
-
+        message = functools.partial(self._parity_message, rollout=rollout)
         return self._parity.check(
             (gap_sum, gap_max, gap_tokens), self.hparams.parity_check, threshold, message
         )
@@ -651,92 +477,11 @@ class DashModule(L.LightningModule):
     def _parity_message(
         self, mean: float, gap_max: float, tokens: float, threshold: float, rollout: Rollout
     ) -> str:
-        engine = self._engine()
-        chosen = self.hparams.parity_threshold is not None
-        engine_dtype = engine.dtype if engine is not None else "unknown"
-        return parity_message(
-            self.global_step,
-            mean,
-            gap_max,
-            tokens,
-            threshold,
-            chosen,
-            rollout,
-            self._compute_dtype(),
-            engine_dtype,
+        engine, is_set = self._engine(), self.hparams.parity_threshold is not None
+        dtype, precision = engine.dtype if engine is not None else "unknown", self._compute_dtype()
+        return parity.parity_message(
+            self.global_step, mean, gap_max, tokens, threshold, is_set, rollout, precision, dtype
         )
-
-    # ---- validation, test and predict (lit-dash validate / test / predict) ---------------------------
-
-    def validation_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> None:
-        dm = self.data
-        name = list(dm.evaluators)[dataloader_idx]
-        records = dm.evaluators[name].score_batch(dm.engine, problems, self.reward)
-        self._val_records.setdefault(name, []).extend(records)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval_epoch(tag="validate", prefix="eval")
-
-    def test_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """``lit-dash test``: the eval sets, scored as in validation, logged as ``test/<set>/...``."""
-        self.validation_step(problems, batch_idx, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval_epoch(tag="test", prefix="test")
-
-    def _log_eval_epoch(self, tag: str, prefix: str) -> None:
-        # each rank scored its own share of every set (the dataloader's unrepeated sampler); gathered,
-        # every rank holds the whole set once and logs the same values
-        records = {
-            name: self._gather_shares(self._val_records.get(name, [])) for name in self.data.evaluators
-        }
-        records = {name: rs for name, rs in records.items() if rs}  # a set no batch of which ran
-        for result in self.collect_eval_results(records, tag=tag):
-            for key, value in result.metrics(prefix).items():
-                # equal on every rank: max is an exact no-op reduction (and keeps Lightning from warning)
-                self.log(key, value, add_dataloader_idx=False, batch_size=1, sync_dist=True, reduce_fx="max")
-        self._val_records = {}
-
-    def _gather_shares(self, records: list[dict]) -> list[dict]:
-        return distributed.gather_shares(self._trainer, records)
-
-    def predict_step(self, problems: list[Problem], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        """``lit-dash predict``: one greedy completion per prompt of ``data.predict_file`` (the eval
-        sampling: temperature 0, ``eval_max_new_tokens``); problems with an ``answer`` are scored too."""
-        dm = self.data
-        evaluator = Evaluator(
-            "predict", [], dm.prompt_style, dm.eval_max_new_tokens, instruction=dm.instruction,
-            last_number_fallback=self.hparams.answer_fallback,
-        )  # fmt: skip
-        records = evaluator.predict_batch(dm.engine, problems, self.reward)
-        self._predictions.extend(records)
-        return records
-
-    def on_predict_epoch_end(self) -> None:
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        if self.trainer.is_global_zero:
-            path = write_jsonl(self._predictions, f"{log_dir}/predictions.jsonl")
-            rank_zero_info(f"[lit_dash] {len(self._predictions)} completions written to {path}")
-        self._predictions = []
-
-    def collect_eval_results(self, records_by_set: dict[str, list[dict]], tag: str) -> list[EvalResult]:
-        """Summarise evaluation records (each set whole, every rank's share gathered) and write them as
-        JSONL next to the logs (rank 0)."""
-        results = []
-        log_dir = self.trainer.log_dir if self.trainer is not None and self.trainer.log_dir else "."
-        for name, records in records_by_set.items():
-            if self.trainer is None or self.trainer.is_global_zero:  # ranks share the file name
-                write_jsonl(records, f"{log_dir}/eval/{name}_{tag}_step{self.global_step}.jsonl")
-            results.append(summarize(name, records))
-        return results
-
-    def configure_callbacks(self):
-        """Weight sync is not optional: without it the engine keeps sampling from the initial weights."""
-        from lit_dash.callbacks.weight_sync import WeightSync
-
-        if any(isinstance(c, WeightSync) for c in self.trainer.callbacks):
-            return []
-        return [WeightSync()]
 
     def evaluate(self) -> list[EvalResult]:
         """Greedy evaluation on every eval set of the datamodule (used by the evaluation callback)."""
@@ -745,8 +490,7 @@ class DashModule(L.LightningModule):
         for callback in self.trainer.callbacks:  # whatever the callback order, evaluate the current weights
             if isinstance(callback, WeightSync) and callback.synced_step != self.global_step:
                 callback.sync(self.trainer, self)
-        dm = self.data
-        rank, world = self.trainer.global_rank, self.trainer.world_size
+        dm, rank, world = self.data, self.trainer.global_rank, self.trainer.world_size
         records = {  # each rank scores its share of every set, no duplicates; gathered, the whole set once
             name: self._gather_shares(
                 evaluator.records(dm.engine, self.reward, shard(evaluator.problems, rank, world))
@@ -754,38 +498,3 @@ class DashModule(L.LightningModule):
             for name, evaluator in dm.evaluators.items()
         }
         return self.collect_eval_results(records, tag="fit")
-
-    # ---- checkpoints (lit_dash.checkpointing) ---------------------------------------------------------
-
-    REFERENCE_PREFIX = REFERENCE_PREFIX
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning saves weights, optimizer, scheduler, step and the datamodule's prompt position;
-        # the counters and the RNG states of every rank are ours to add, the reference ours to drop
-        drop_reference(checkpoint.get("state_dict", {}))
-        checkpoint["lit_dash"] = {
-            "skipped_steps": self.skipped_steps,
-            "nonfinite_steps": self.nonfinite_steps,
-            "rng": rng_states_by_rank(),
-        }
-        if self.lora and "state_dict" in checkpoint:  # the adapters alone: the base reloads from disk
-            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = adapter_state(checkpoint["state_dict"], trainable)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("lit_dash", {})
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        self._rng_to_restore = state.get("rng")
-        self.configure_model()
-        if self.reference is not None and "state_dict" in checkpoint:  # the base model's, just loaded
-            restore_reference(checkpoint["state_dict"], self.reference.state_dict())
-        if self.lora and "state_dict" in checkpoint:  # strict load still checks every adapter key
-            checkpoint["state_dict"] = with_frozen_base(checkpoint["state_dict"], self.state_dict())
-
-    def on_train_start(self) -> None:
-        # Restored here, not on load: between the two, Lightning creates the DataLoader iterator, which
-        # draws from torch's generator; the interrupted run had drawn that before its checkpoint.
-        if self._rng_to_restore is not None:
-            restore_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None

@@ -26,7 +26,7 @@ LAYERS = [
     ("evaluation", ["evaluation"]),
     ("data", ["data", "contract", "step_metrics"]),
     ("training", ["training"]),
-    ("module", ["module", "sft"]),
+    ("module", ["module", "sft", "eval_hooks"]),
     ("callbacks", ["callbacks"]),
     ("top", ["cli", "examples"]),
 ]

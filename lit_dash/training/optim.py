@@ -8,10 +8,11 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
-from lit_dash.errors import RunStopped
+from lit_dash.errors import ConfigError, RunStopped
 
 LR_SCHEDULES = ("linear", "constant")
 
@@ -32,6 +33,16 @@ def optim_problems(max_grad_norm: float | None, lr_schedule: str, max_nonfinite_
     if max_nonfinite_steps < 1:
         errors.append(f"max_nonfinite_steps must be >= 1 (optimizer steps), got {max_nonfinite_steps}")
     return errors
+
+
+def check_clipping_strategy(strategy: object, max_grad_norm: float | None) -> None:
+    """Refuse clipping under DeepSpeed, which partitions the gradients and clips them itself."""
+    if max_grad_norm is not None and isinstance(strategy, DeepSpeedStrategy):
+        raise ConfigError(
+            f"model.max_grad_norm={max_grad_norm} cannot clip under DeepSpeed: ZeRO keeps "
+            "the gradients in its own partitions and clips them itself (its gradient_clipping setting); "
+            "set model.max_grad_norm: null"
+        )
 
 
 def build_optimizer(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_dash import losses
+from lit_dash.data.batches import MicroBatch
 from lit_dash.data.buffer import Rollout
 from lit_dash.errors import RunStopped
 
@@ -54,6 +56,20 @@ def default_parity_threshold(
     return PARITY_THRESHOLD_LOW_PRECISION
 
 
+def threshold_for(
+    parity_threshold: float | None,
+    precision: torch.dtype,
+    engine_dtype: torch.dtype | None,
+    rollout: Rollout | None,
+) -> float:
+    """``model.parity_threshold`` when set, else :func:`default_parity_threshold` for this trainer
+    precision, engine dtype and the rollout's sampling (truncated by top-k / top-p or not)."""
+    if parity_threshold is not None:
+        return float(parity_threshold)
+    truncated = rollout is not None and rollout.truncated_sampling
+    return default_parity_threshold(precision, engine_dtype, truncated)
+
+
 def gap_sums(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> GapParts:
     """Combine per-micro-batch (sum, max, tokens) of the log-prob gap."""
     return (
@@ -61,6 +77,19 @@ def gap_sums(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Ga
         max((float(m) for _, m, _ in parts), default=0.0),
         float(sum(float(t) for _, _, t in parts)),
     )
+
+
+def micro_batch_gaps(
+    micro_batches: list[MicroBatch], logprobs: dict[int, torch.Tensor], device: torch.device
+) -> GapParts:
+    """The engine/trainer gap (sum, max, tokens) of the trainer's ``logprobs`` (by micro-batch index,
+    ``[b, L-1]`` each) over the micro-batches whose engine reported log-probs."""
+    parts = [
+        losses.logprob_gap(logprobs[i], mb.engine_logprobs.to(device), mb.completion_mask.to(device))
+        for i, mb in enumerate(micro_batches)
+        if mb.engine_logprobs is not None
+    ]
+    return gap_sums(parts)
 
 
 def parity_message(

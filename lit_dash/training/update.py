@@ -16,7 +16,7 @@ import torch
 
 from lit_dash import losses
 from lit_dash.data.batches import MicroBatch
-from lit_dash.errors import RunStopped
+from lit_dash.errors import ConfigError, RunStopped
 
 UPDATE_MODES = ("dash", "multi", "mini")
 NORMALIZE_OVER = ("rollout", "kept")
@@ -73,6 +73,29 @@ class UpdateSpec:
     def rollout_slices(self) -> int:
         """Slices the rollout buffer cuts the kept completions into: one per optimizer step in mini mode."""
         return self.ppo_mini_batches if self.update == "mini" else 1
+
+
+def budget_problems(max_rollouts: int | None) -> list[str]:
+    """What is wrong with ``model.max_rollouts``, if anything."""
+    if max_rollouts is not None and max_rollouts < 1:
+        return [f"max_rollouts must be >= 1 (rollouts) or null, got {max_rollouts}"]
+    return []
+
+
+def apply_rollout_budget(trainer: Any, max_rollouts: int | None, spec: UpdateSpec) -> None:
+    """``max_rollouts`` as the trainer's ``max_steps`` (max_rollouts x steps per rollout), so fit stops,
+    and a resumed fit knows where it stands, in Lightning's own terms; a different ``max_steps`` set
+    too is a conflict."""
+    if max_rollouts is None or trainer is None:
+        return
+    steps = max_rollouts * spec.steps_per_rollout
+    if trainer.max_steps not in (-1, steps):
+        raise ConfigError(
+            f"model.max_rollouts={max_rollouts} (= {steps} optimizer steps with update={spec.update}) and "
+            f"trainer.max_steps={trainer.max_steps} are two budgets that disagree: set one "
+            "(trainer.max_steps: -1 lets max_rollouts decide)"
+        )
+    trainer.fit_loop.epoch_loop.max_steps = steps
 
 
 def update_plan(spec: UpdateSpec, slice_sizes: list[int], most: list[int] | None = None) -> list[list[int]]:
