@@ -48,6 +48,8 @@ TRAIN_REDUCTIONS: dict[str, str] = {
     "train/sampled_completions": "sum",
     "train/skipped_prompts": "sum",  # prompt skipping: prompts not sampled this step
     "train/skipped_completions": "sum",  # ... and the completions that saved (G per prompt)
+    "train/reward_timeouts": "sum",  # the math reward's, in this step's reward calls
+    "train/reward_worker_restarts": "sum",
     # the update: this rank's sums over world-wide denominators (module.micro_batch_loss)
     "train/loss": "sum",
     "train/kl": "sum",

@@ -122,9 +122,12 @@ def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
     for row in report["table"]:
         for key in ("lit_dash", "limit", "ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, row
+    from lit_dash.hardware import cpu_has_native_bf16
+
+    expected = "bfloat16" if cpu_has_native_bf16() else "float32"  # the demo's precision: auto
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    state_bytes = sum(t.numel() * 4 for t in model.state_dict().values())  # tied: the embedding twice
-    param_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied: once
+    state_elements = sum(t.numel() for t in model.state_dict().values())  # tied: the embedding twice
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())  # fp32 master weights; tied: once
     for result in report["results"]:
         fb = result["forward_backward"]
         assert result["completions"] == 2 * 4  # filter off: every completion trained
@@ -134,13 +137,12 @@ def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
         assert fb["bare_completion_tokens"] == fb["model_flops"]["completion_tokens"] > 0
         assert 0 < fb["lit_dash_mfu"] <= 1 and 0 < fb["bare_mfu"] <= 1
         assert fb["matmul_peak"]["peak_gflops"] == max(fb["matmul_peak"]["gflops"].values())
-        assert result["weight_sync"]["bytes"] == state_bytes
+        # the push is cast to the engine's dtype first: 2 bytes an element into a bf16 engine, 4 into fp32
+        assert result["weight_sync"]["engine_dtype"] == expected
+        assert result["weight_sync"]["bytes"] == state_elements * (2 if expected == "bfloat16" else 4)
         assert result["checkpoint"]["bytes"] > 3 * param_bytes  # weights + AdamW's two moments
         assert result["generation"]["limit_setting"] in result["generation"]["plain"]
     machine = report["machine"]
-    from lit_dash.hardware import cpu_has_native_bf16
-
-    expected = "bfloat16" if cpu_has_native_bf16() else "float32"  # the demo's precision: auto
     assert machine["precision"] == expected and set(machine["flags"]) >= {"avx2", "avx512f", "avx512_bf16"}
     assert len(report["where_the_gap_is"]) == 2
     assert all("The largest gap:" in p for p in report["where_the_gap_is"])

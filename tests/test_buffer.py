@@ -241,3 +241,27 @@ def test_dynamic_sampling_stops_at_its_cap_and_keeps_the_rollout_size(tiny_engin
     assert [p.source_id for p in rollout.problems] == ["t:0", "t:1", "t:2", "t:3"]
     assert len(rollout.completions) == 16 and rollout.num_kept == 0 and rollout.micro_batches == []
     assert rollout.parity_probe is not None
+
+
+def test_the_math_rewards_timeouts_and_restarts_are_the_steps_own(tiny_engine, monkeypatch):
+    """Counted in the step's reward calls, logged through Rollout.stats as train/reward_*, warned once."""
+    from lit_dash.rewards import math as reward_module
+    from lit_dash.rewards import math_rewards, warm_up_reward_workers
+
+    monkeypatch.setattr(reward_module, "_SOFT_FRACTION", 100.0)  # only the hard kill stops it: 1 restart
+    warm_up_reward_workers()
+
+    def one_hangs(completions, problems):
+        texts = ["\\boxed{9^{9^{9^{9^9}}}}"] + ["so \\boxed{5}"] * (len(completions) - 1)
+        return math_rewards(texts, ["5"] * len(completions), timeout_s=0.5)
+
+    buffer = _buffer(tiny_engine)
+    with pytest.warns(UserWarning, match=r"1 of the 16 completions .* \(6%, above 5%\)"):
+        rollout = buffer.collect(PROBLEMS, PROMPTS, one_hangs)
+    assert rollout.rewards.tolist() == [0.0] + [1.0] * 15
+    stats = rollout.stats()
+    assert (stats["reward_timeouts"], stats["reward_worker_restarts"]) == (1.0, 1.0)
+    monkeypatch.undo()
+    warm_up_reward_workers()
+    stats = buffer.collect(PROBLEMS, PROMPTS, parity_reward).stats()  # a step without the math reward
+    assert (stats["reward_timeouts"], stats["reward_worker_restarts"]) == (0.0, 0.0)  # per step

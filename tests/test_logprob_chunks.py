@@ -4,16 +4,19 @@ precision; the global gradient clip goes through the strategy."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from numerics import assert_tensors_near
 
 from lit_dash import losses
 from lit_dash.data.buffer import pad_micro_batch
 from lit_dash.module import DashModule
 
 TEMPERATURE = 1.3
+VOCAB = 49152  # the tiny model has SmolLM2's tokenizer
 
 
 def _micro_batch() -> object:
@@ -36,6 +39,15 @@ def module() -> DashModule:
     return module
 
 
+@pytest.fixture(scope="module")
+def exact(module) -> tuple:
+    """The unchunked log-probs, entropies and gradients in float64: the exact values both fp32 paths
+    approximate."""
+    module64 = copy.deepcopy(module)
+    module64.policy.double()
+    return _values_and_grads(module64, None, _micro_batch())
+
+
 def _values_and_grads(module: DashModule, chunk: int | None, mb) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """log-probs, entropies and the gradient of an advantage-weighted sum of log-probs + a KL-like
     square, w.r.t. every policy parameter (a loss that reaches every chunk with different weights)."""
@@ -49,37 +61,35 @@ def _values_and_grads(module: DashModule, chunk: int | None, mb) -> tuple[torch.
     return logprobs.detach(), entropy, grads
 
 
-def _assert_same(a, b) -> None:
-    (lp_a, h_a, g_a), (lp_b, h_b, g_b) = a, b
-    # fp32 rounding of a 49k-term log-sum-exp (values near 11 nats): about 1e-6 relative
-    torch.testing.assert_close(lp_a, lp_b, rtol=2e-6, atol=1e-6)
-    torch.testing.assert_close(h_a, h_b, rtol=2e-6, atol=1e-6)
-    # Gradients: chunking only changes the order of fp32 sums (the LM head's weight gradient is a sum of
-    # per-chunk products instead of one matmul; the same chunking run twice is bit-identical), which
-    # moves them by up to ~4e-6 of each tensor's largest entry at chunk 1 on this model; 1e-5 bounds that.
-    assert g_a.keys() == g_b.keys()
-    for name in g_a:
-        scale = float(g_b[name].abs().max())
-        assert scale > 0, name
-        torch.testing.assert_close(g_a[name], g_b[name], rtol=0, atol=1e-5 * scale, msg=name)
+def _assert_near_exact(result, exact) -> None:
+    """An fp32 result within one fp32 rounding error of the float64 one (see tests/numerics.py): the
+    longest sum on every compared path is over the vocabulary (the log-sum-exp in forward, the LM head's
+    ``d hidden = d logits @ W`` in backward), 49,152 terms on this model's tokenizer. Chunking changes only
+    the order of fp32 sums (the same chunking run twice is bit-identical), so it stays within the bound on
+    any CPU's kernels; log-probs and entropies absolutely (entropy times its size, up to log V), gradients
+    relative to each tensor's largest entry."""
+    (lp, h, grads), (lp64, h64, grads64) = result, exact
+    assert_tensors_near(lp, lp64, VOCAB, relative=False, sides=1)
+    assert_tensors_near(h, h64, VOCAB, relative=False, sides=1, scale=math.log(VOCAB))
+    assert_tensors_near(grads, grads64, VOCAB, sides=1)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 16, 1024])  # 17 tokens: ragged last chunk, one chunk, > N
-def test_chunked_logprobs_entropy_and_gradients_equal_unchunked(module, chunk):
+@pytest.mark.parametrize("chunk", [None, 1, 4, 16, 1024])  # 17 tokens: ragged last chunk, one chunk, > N
+def test_chunked_logprobs_entropy_and_gradients_equal_unchunked(module, exact, chunk):
     mb = _micro_batch()
-    full = _values_and_grads(module, None, mb)
-    assert full[1].abs().sum() > 0 and all(g.abs().sum() > 0 for g in full[2].values())
-    _assert_same(_values_and_grads(module, chunk, mb), full)
+    assert module.policy.config.vocab_size == VOCAB
+    assert exact[1].abs().sum() > 0 and all(g.abs().sum() > 0 for g in exact[2].values())
+    result = _values_and_grads(module, chunk, mb)
+    _assert_near_exact(result, exact)
     # the no-grad paths (PPO's old log-probs, the KL's reference, the parity probe) agree as well
     module.hparams.logprob_chunk_tokens = chunk
-    torch.testing.assert_close(module._logprobs_of(module.policy, mb), full[0], rtol=2e-6, atol=1e-6)
+    assert_tensors_near(module._logprobs_of(module.policy, mb), exact[0], VOCAB, relative=False, sides=1)
 
 
-def test_a_wrong_chunk_fails_the_comparison(module, monkeypatch):
+def test_a_wrong_chunk_fails_the_comparison(module, exact, monkeypatch):
     """Negative control: a chunked path that forgets the temperature in one chunk (or shifts that chunk's
     targets by one) is caught by the same comparison."""
     mb = _micro_batch()
-    full = _values_and_grads(module, None, mb)
     real = losses.chunked_logprobs_and_entropy
 
     def wrong_temperature(hidden, head, ids, chunk, temperature, with_entropy):
@@ -95,9 +105,15 @@ def test_a_wrong_chunk_fails_the_comparison(module, monkeypatch):
     for wrong in (wrong_temperature, shifted_targets):
         monkeypatch.setattr(losses, "chunked_logprobs_and_entropy", wrong)
         with pytest.raises(AssertionError):
-            _assert_same(_values_and_grads(module, 4, mb), full)
+            _assert_near_exact(_values_and_grads(module, 4, mb), exact)
     monkeypatch.setattr(losses, "chunked_logprobs_and_entropy", real)
-    _assert_same(_values_and_grads(module, 4, mb), full)
+    _assert_near_exact(_values_and_grads(module, 4, mb), exact)
+    # and the bound is not vacuous: the same gradients moved by about 20x the bound (1e-3 of each tensor's
+    # largest entry, the size of a real bf16-vs-fp32 difference) fail it
+    lp, h, grads = _values_and_grads(module, None, mb)
+    moved = {n: g + 1e-3 * g.abs().max() for n, g in grads.items()}
+    with pytest.raises(AssertionError):
+        _assert_near_exact((lp, h, moved), exact)
 
 
 def test_chunks_do_not_keep_their_logits_for_backward():
@@ -124,7 +140,7 @@ def test_chunks_do_not_keep_their_logits_for_backward():
     lp_chunked, biggest_chunked = saved_elements(16)
     assert biggest_full >= n * vocab  # the unchunked graph keeps [N, V]
     assert biggest_chunked < 16 * vocab  # the chunked one not even one chunk's logits
-    torch.testing.assert_close(lp_chunked, lp_full, rtol=0, atol=1e-6)
+    assert_tensors_near(lp_chunked, lp_full, vocab, relative=False)  # two fp32 log-sum-exps over V terms
     # hand values: uniform logits (zero head) give log(1/V) and entropy log(V) at any temperature
     zero = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
     zero.weight.zero_()
@@ -172,4 +188,4 @@ def test_one_chunk_is_not_recomputed_in_backward():
     assert calls_full == calls_one == calls_wide == [n]
     assert calls_many == [10, 10, 4, 4, 10, 10]  # negative control: several chunks are recomputed
     torch.testing.assert_close(grad_one, grad_full, rtol=0, atol=0)
-    torch.testing.assert_close(grad_many, grad_full, rtol=1e-6, atol=1e-7)
+    assert_tensors_near(grad_many, grad_full, vocab)  # the same sums over V, split into chunks

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from fitting import fit
+from numerics import assert_tensors_near, fp32_sum_error
 from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
 
@@ -266,12 +267,12 @@ def test_filtering_leaves_the_gradient_as_it_was(tmp_path, engine):
         f"kept vs off: {worst(grads['kept'], grads['off']):.2e}"
     )
     assert sum(float(g.abs().sum()) for g in grads["off"].values()) > 0
-    assert worst(grads["on"], grads["off"]) < 1e-5  # float rounding of a different micro-batch split
+    # another micro-batch split reorders fp32 sums whose longest runs over the vocabulary (tests/numerics.py)
+    vocab = 49152
+    assert worst(grads["on"], grads["off"]) < 2 * fp32_sum_error(vocab)
     assert worst(grads["kept"], grads["off"]) > 0.5
-    for name, g in grads["off"].items():
-        atol = 1e-5 * float(g.abs().max())
-        torch.testing.assert_close(grads["on"][name], g, rtol=1e-5, atol=atol)
-        torch.testing.assert_close(grads["kept"][name], g * 1.6, rtol=1e-5, atol=atol)  # 16 / 10
+    assert_tensors_near(grads["on"], grads["off"], vocab)
+    assert_tensors_near(grads["kept"], {n: 1.6 * g for n, g in grads["off"].items()}, vocab)  # 16 / 10
 
 
 # ---- DAPO dynamic sampling ------------------------------------------------------------------------------

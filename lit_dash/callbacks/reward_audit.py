@@ -58,7 +58,8 @@ _DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 1,000 -> 1000
 _OPERATOR = re.compile(r"[+\-*/^×÷·−]|\\(?:times|cdot|div|frac|dfrac|tfrac|sqrt)(?![a-zA-Z])")
 # what a purely arithmetic answer may hold besides numbers and operators (no variables, no words)
 _ARITHMETIC_ONLY = re.compile(r"^(?:\d|\.|\s|[(){}\[\]]|\\left|\\right|" + _OPERATOR.pattern + r")*$")
-# one integer fraction and nothing else: final form (see rewards/final_form.py), never a restatement
+# one integer fraction and nothing else: never a restatement (in lowest terms it is a final form; one that
+# is not, \frac{144}{2}, is an `unevaluated` verdict instead: see rewards/final_form.py)
 _FRACTION = re.compile(r"^-?\s*(?:\\[dt]?frac\s*\{\s*\d+\s*\}\s*\{\s*\d+\s*\}|\d+\s*/\s*\d+)$")
 _SINGLE_NUMBER = re.compile(r"^[-−]?\s*\d+(?:\.\d+)?$")
 

@@ -18,12 +18,18 @@ fill the remaining places, as plain DASH would have trained on them.
 With ``skip`` (``data.prompt_skipping``, see :mod:`lit_dash.data.skipping`) the prompts it marks are not
 sent to the engine at all: the rollout holds the other prompts' groups, and ``Rollout.skipped_problems``
 the skipped ones, which the loss's denominators still count as G zero-advantage completions each.
+
+Each ``collect`` counts the math reward's timeouts and worker restarts of its own reward calls
+(:func:`lit_dash.rewards.reward_events`), logged as ``train/reward_timeouts`` and
+``train/reward_worker_restarts``; when timeouts pass ``reward_timeout_warn_fraction`` of the completions the
+reward judged in one step, it warns (once per buffer): each is a 0.0 the answer may not have earned.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +39,7 @@ from lit_dash.advantages import group_advantages, keep_mask, zero_variance_group
 from lit_dash.data.batches import MicroBatch, completion_length, pack_rows, pad_completions, pad_micro_batch
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Completion, Engine, SamplingConfig
+from lit_dash.rewards.math import RewardEvents, reward_events
 from lit_dash.rewards.scoring import RewardError, check_rewards, score_completions
 
 __all__ = [
@@ -78,6 +85,9 @@ class Rollout:
     first_call_reward_mean: float | None = None
     # prompt skipping: problems of the step's batch that were predicted uniform and not sampled
     skipped_problems: list[Problem] = field(default_factory=list)
+    # the math reward's own events in this step's reward calls (see lit_dash.rewards.reward_events)
+    reward_timeouts: int = 0  # completions scored 0 because their comparison ran out of time or memory
+    reward_worker_restarts: int = 0  # verifier processes replaced (killed on a hard timeout, or died)
 
     def __post_init__(self) -> None:
         if self.slice_sizes is None:
@@ -149,6 +159,8 @@ class Rollout:
             "sampled_completions": float(len(self.completions)),
             "skipped_prompts": float(self.skipped_prompts),
             "skipped_completions": float(self.skipped_completions),
+            "reward_timeouts": float(self.reward_timeouts),
+            "reward_worker_restarts": float(self.reward_worker_restarts),
             # the policy's reward on prompts it did not choose: the first engine call's groups, before
             # dynamic sampling swapped any out (reward_mean is over the groups trained on)
             "first_call_reward_mean": float(
@@ -176,6 +188,8 @@ class RolloutBuffer:
             step (``update: mini``); each slice is cut into micro-batches. 1 for one step per pass.
         dynamic_sampling_calls: DAPO's dynamic sampling: at most this many extra engine calls per rollout,
             each on at most P fresh prompts, to replace groups that keep nothing; 0 turns it off.
+        reward_timeout_warn_fraction: warn (once) when more than this fraction of the completions the math
+            reward judged in one step timed out: 5% of rewards that may be wrong is past noise.
 
     ``collect``'s ``skip`` (prompt skipping) and dynamic sampling do not combine (the datamodule refuses
     both together): refilling tops a rollout up to P sampled groups, skipping leaves it smaller on purpose.
@@ -192,6 +206,8 @@ class RolloutBuffer:
     pad_token_id: int = 0
     slices: int = 1
     dynamic_sampling_calls: int = 0
+    reward_timeout_warn_fraction: float = 0.05
+    warned_reward_timeouts: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.rollout_mode not in ROLLOUT_MODES:
@@ -245,9 +261,28 @@ class RolloutBuffer:
             skipped = [p for p, s in zip(problems, skip, strict=True) if s]
             prompts = [t for t, s in zip(prompts, skip, strict=True) if not s]
             problems = [p for p, s in zip(problems, skip, strict=True) if not s]
-        rollout = self._collect(problems, prompts, reward_fn, refill)
+        with reward_events() as events:  # this step's reward calls only, whatever other threads score
+            rollout = self._collect(problems, prompts, reward_fn, refill)
         rollout.skipped_problems = skipped
+        rollout.reward_timeouts, rollout.reward_worker_restarts = events.timeouts, events.worker_restarts
+        self._check_reward_timeouts(events)
         return rollout
+
+    def _check_reward_timeouts(self, events: RewardEvents) -> None:
+        fraction = events.timeouts / events.completions if events.completions else 0.0
+        if fraction <= self.reward_timeout_warn_fraction or self.warned_reward_timeouts:
+            return
+        self.warned_reward_timeouts = True
+        warnings.warn(
+            f"{events.timeouts} of the {events.completions} completions the math reward judged in this step "
+            f"({fraction:.0%}, above {self.reward_timeout_warn_fraction:.0%}) scored 0.0 because their "
+            "comparison ran past its timeout (or out of SymPy's recursion depth or memory): some may be right "
+            "answers. Usual causes: an overloaded machine (fewer processes per core, or "
+            "LIT_DASH_REWARD_WORKERS), or a policy writing huge expressions; a longer timeout is "
+            "math_rewards(timeout_s=...) in an overriding DashModule.reward. Watch train/reward_timeouts "
+            "(this warning is shown once per run)",
+            stacklevel=2,
+        )
 
     def _collect(
         self, problems: list[Problem], prompts: list[str], reward_fn: RewardFn, refill: RefillFn | None

@@ -1,11 +1,14 @@
 """Rewards for RL fine-tuning: exact-answer checking of math completions, answers in final form."""
 
 from lit_dash.rewards.math import (
+    RewardEvents,
+    RewardWorkerError,
     extract_answer,
     has_answer,
     math_reward,
     math_rewards,
     math_verdicts,
+    reward_events,
     warm_up_reward_workers,
 )
 
@@ -16,4 +19,7 @@ __all__ = [
     "extract_answer",
     "has_answer",
     "warm_up_reward_workers",
+    "reward_events",
+    "RewardEvents",
+    "RewardWorkerError",
 ]

@@ -17,12 +17,21 @@ pool of long-lived worker processes, a `pebble <https://pebble.readthedocs.io>`_
 * pebble gives each item a hard deadline of ``timeout_s`` from when a worker takes it; a worker that misses
   it is killed and replaced, and the item scores 0.0.
 
+A comparison that runs out of time (either limit), or of recursion depth or memory inside SymPy, is a
+property of the *answer*: it has a defined score, 0.0, and is counted (:func:`reward_events`; training logs
+``train/reward_timeouts`` and ``train/reward_worker_restarts`` per step). A failure of the *machinery* is
+never a score: workers that cannot start, a worker that dies on an item twice (the item is retried once
+after the first death), a broken pool, a pickling error or any other exception raise
+:class:`RewardWorkerError`. A reward that quietly calls right answers wrong trains on noise that looks like
+signal, and the run's numbers still look plausible.
+
 This works from any thread and from several threads at once (each item is its own future). Workers are
 started with ``spawn`` (never a fork of a multi-threaded trainer with CUDA and vLLM in it) and warm up in
 pebble's initializer, before they take work, so start-up time never counts against an item's deadline.
 Spawn re-imports the caller's ``__main__`` in each worker: for ``lit-dash``, ``python -m``, notebooks and
 pytest that is light, but a training *script* must keep its work under ``if __name__ == "__main__":`` (as
-any multiprocessing code must) and its top-level imports are paid once per worker. Cheap cases (no
+any multiprocessing code must) and its top-level imports are paid once per worker. A script that does not
+gets a :class:`RewardWorkerError` saying so on its first reward call, not zeros. Cheap cases (no
 ``\\boxed{}``, an over-long answer, an answer that is character-for-character the reference) are answered
 in the caller without any IPC.
 
@@ -42,13 +51,20 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import pebble
 
+from lit_dash.errors import RunStopped
 from lit_dash.rewards.boxed import last_boxed
 
 __all__ = [
@@ -59,6 +75,9 @@ __all__ = [
     "math_verdicts",
     "VERDICTS",
     "warm_up_reward_workers",
+    "reward_events",
+    "RewardEvents",
+    "RewardWorkerError",
     "MAX_ANSWER_CHARS",
 ]
 
@@ -110,6 +129,7 @@ def _parse_reference(reference: str) -> Any:
 
 CORRECT, UNEVALUATED, WRONG, NO_ANSWER = "correct", "unevaluated", "wrong", "no_answer"
 VERDICTS = (CORRECT, UNEVALUATED, WRONG, NO_ANSWER)
+_OUT_OF_LIMITS = "out_of_limits"  # internal: ran out of time, recursion or memory; scored as WRONG, counted
 
 
 def _verdict(answer: str, reference: str) -> str:
@@ -141,18 +161,116 @@ def _worker_init(ready: Any) -> None:
 
 
 def _judge(answer: str, reference: str, soft_timeout_s: float) -> str:
-    """One item, in a worker: the verdict, or ``wrong`` on the soft timeout or any error."""
+    """One item, in a worker: its verdict, or ``_OUT_OF_LIMITS`` when the comparison ran out of time (the
+    soft timer), of recursion depth or of memory.
+
+    Those three are properties of the answer, not of the machinery: a policy under RL writes
+    ``\\boxed{9^{9^{9^9}}}`` or a fraction nested 300 deep sooner or later, and SymPy then runs long, recurses
+    past the interpreter's limit or allocates without end on every worker that tries it. So they get a
+    defined score (0.0, like a wrong answer) and are counted as timeouts, where retrying or stopping the run
+    would only repeat the cost. (math_verify itself already treats errors inside its own parse and compare
+    as "not equal", its documented ``raise_on_error=False``.) Any other exception here is a bug or a broken
+    install: it propagates to the parent, which raises :class:`RewardWorkerError` rather than score it.
+    """
     try:
         signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
         try:
             return _verdict(answer, reference)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-    except BaseException:  # noqa: BLE001 - _SoftTimeout, RecursionError, MemoryError...: all wrong
-        return WRONG
+    except (_SoftTimeout, RecursionError, MemoryError):
+        return _OUT_OF_LIMITS
 
 
 # ------------------------------------------------------------------------------------- parent side
+
+
+class RewardWorkerError(RunStopped):
+    """The reward's worker processes failed, so an answer could not be judged.
+
+    Raised, never scored: 0.0 for an answer nobody compared is a wrong reward for a right answer, and a
+    training run on such rewards looks like a model that learns slowly, not like a broken reward.
+    """
+
+
+@dataclass
+class RewardEvents:
+    """What the math reward counted in one :func:`reward_events` scope.
+
+    Attributes:
+        completions: completions judged by :func:`math_verdicts` (the denominator of the timeout fraction).
+        timeouts: of those, completions scored 0.0 because their comparison ran past ``timeout_s`` (the
+            in-worker timer or the hard kill) or SymPy ran out of recursion depth or memory on the answer.
+        worker_restarts: worker processes replaced: killed on a hard timeout, or died on an item.
+    """
+
+    completions: int = 0
+    timeouts: int = 0
+    worker_restarts: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, completions: int, timeouts: int, worker_restarts: int) -> None:
+        with self._lock:  # a scope's context may be copied into several threads
+            self.completions += completions
+            self.timeouts += timeouts
+            self.worker_restarts += worker_restarts
+
+
+# The scopes open in this context, innermost last. A ContextVar, not a global: each thread has its own
+# context, so concurrent callers (an evaluation beside a training step) never count each other's calls.
+_SCOPES: ContextVar[tuple[RewardEvents, ...]] = ContextVar("lit_dash_reward_events", default=())
+
+
+@contextmanager
+def reward_events() -> Iterator[RewardEvents]:
+    """Count the timeouts and worker restarts of the math reward calls made inside this scope.
+
+    The rollout buffer opens one per training step, which is how ``train/reward_timeouts`` and
+    ``train/reward_worker_restarts`` are that step's own counts. Scopes nest (every open one counts a
+    call). Counting is per context: a thread started inside the scope counts into it only when it runs in
+    a copy of the scope's context (``contextvars.copy_context().run``).
+    """
+    events = RewardEvents()
+    token = _SCOPES.set((*_SCOPES.get(), events))
+    try:
+        yield events
+    finally:
+        _SCOPES.reset(token)
+
+
+def _record(completions: int, timeouts: int, worker_restarts: int) -> None:
+    for events in _SCOPES.get():
+        events.add(completions, timeouts, worker_restarts)
+
+
+def _rerun_main() -> str | None:
+    """What spawn runs again in each new worker before it can take work: the main script's path or
+    module name; ``None`` when nothing is (``python -c``, a REPL, a notebook, ``python -m pkg``).
+
+    This mirrors :mod:`multiprocessing.spawn` (``get_preparation_data`` and the ``_fixup_main_*``
+    functions), without calling it: it would fix the process's default start method as a side effect.
+    """
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return None if name == "__main__" or name.endswith(".__main__") else f"module {name}"
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.splitext(os.path.basename(path))[0] == "ipython":
+        return None
+    return os.path.abspath(path)
+
+
+_GUARD_FIX = "put its work under `if __name__ == '__main__':` (imports and definitions may stay at top level)"
+
+
+def _check_not_bootstrapping() -> None:
+    """Refuse to start workers from inside a spawn bootstrap, with the fix, instead of multiprocessing's
+    generic RuntimeError: this is an unguarded script, re-run in a reward worker, calling the reward."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # what spawn itself checks
+        raise RewardWorkerError(
+            "the math reward was called while this script was being imported again to start a worker "
+            f"process (spawn re-runs the main script in each reward worker): {_GUARD_FIX}"
+        )
 
 
 class _VerifierPool:
@@ -161,13 +279,15 @@ class _VerifierPool:
     pebble owns the processes: per-item deadlines (counted from when a worker takes the item), killing a
     worker that misses one, replacing dead workers, shutting down at exit. What this class adds: spawn
     (never a fork of a multi-threaded trainer), a warm-up that can be waited for (each worker releases
-    ``ready`` once warm, and every worker pebble replaced is owed one more release), and a fresh pool
-    after a fork or if pebble declares the pool broken.
+    ``ready`` once warm, and every worker pebble replaced is owed one more release), a fresh pool after a
+    fork or if pebble declares the pool broken between calls, one retry of an item whose worker died, and
+    an error that names the cause (:class:`RewardWorkerError`) for everything that is not a verdict.
     """
 
     def __init__(self, num_workers: int) -> None:
         self.num_workers = num_workers
         self.hard_timeouts = 0  # items whose worker had to be killed: a health signal worth logging
+        self.restarts = 0  # workers replaced (hard timeouts and deaths), over the process's life
         self._lock = threading.Lock()
         self._pool: pebble.ProcessPool | None = None
         self._pid: int | None = None
@@ -179,12 +299,19 @@ class _VerifierPool:
         self._lock = threading.Lock()  # the parent's lock may have been held by another thread
         self._pool, self._pid = None, None
 
-    def _get(self) -> pebble.ProcessPool:
+    def _get(self) -> tuple[pebble.ProcessPool, int]:
+        """The pool, started if need be, and how many workers were replaced to get it (a pool pebble
+        declared broken between calls, e.g. after an idle worker was killed, is replaced whole)."""
+        _check_not_bootstrapping()
+        replaced = 0
         with self._lock:
             if self._pool is not None and self._pid == os.getpid() and self._pool.active:
-                return self._pool
+                return self._pool, 0
             if self._pool is not None and self._pid == os.getpid():  # broken: pebble gave up on it
+                logger.warning("the reward worker pool broke between calls; starting a fresh one")
                 self._pool.stop()
+                replaced = self.num_workers
+                self.restarts += replaced
             ctx = multiprocessing.get_context("spawn")
             self._ready = ctx.Semaphore(0)
             self._pool = pebble.ProcessPool(
@@ -192,26 +319,51 @@ class _VerifierPool:
             )
             self._pid, self._started, self._warm = os.getpid(), self.num_workers, 0
             if not self._pool.active:  # reading it starts the workers now
-                raise RuntimeError("the reward worker pool did not start")
-            return self._pool
+                raise RewardWorkerError("the reward worker pool did not start")
+            return self._pool, replaced
+
+    def _count_ready(self) -> int:
+        """Workers of the current pool seen warm so far (taking every release that is waiting)."""
+        with self._lock:
+            while self._ready is not None and self._ready.acquire(block=False):
+                self._warm += 1
+            return self._warm
+
+    def _failure(self, error: BaseException) -> RewardWorkerError:
+        """The error for a pool pebble declared broken (every worker exited), with its likely cause."""
+        if self._count_ready() > 0:
+            return RewardWorkerError(
+                f"the reward worker pool broke ({error!r}): its workers exited, so the answers sent to "
+                "them were not judged; their tracebacks, if any, are on stderr above"
+            )
+        rerun = _rerun_main()
+        if rerun is not None:
+            return RewardWorkerError(
+                f"reward workers could not start: every one exited before it was ready ({error!r}), so no "
+                f"answer was judged. The likely cause: this script ({rerun}) runs again in each reward "
+                "worker, since spawn starts a worker by re-running the main script, and it failed there "
+                f"(see the tracebacks on stderr above). The fix: {_GUARD_FIX}."
+            )
+        return RewardWorkerError(
+            f"reward workers could not start: every one exited before it was ready ({error!r}), so no "
+            "answer was judged; their tracebacks are on stderr above. Check that "
+            "`python -c 'import math_verify'` works in this environment"
+        )
 
     def warm_up(self, timeout_s: float) -> None:
-        """Start the workers and wait until every one has finished importing and warming up."""
-        self._get()
+        """Start the workers and wait until every one has finished importing and warming up; raise at once
+        (not at the deadline) when they exit instead."""
+        pool, _ = self._get()
         deadline = time.monotonic() + timeout_s
-        while True:
-            with self._lock:
-                if self._warm >= self._started:
-                    return
-                ready = self._ready
-            if not ready.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(
+        while self._count_ready() < self._started:
+            if not pool.active:
+                raise self._failure(BrokenProcessPool("All workers expired"))
+            if time.monotonic() > deadline:
+                raise RewardWorkerError(
                     f"reward workers did not start within {timeout_s:.0f} s; "
-                    "check that math_verify imports in a fresh interpreter"
+                    "check that `python -c 'import math_verify'` works in this environment"
                 )
-            with self._lock:
-                if ready is self._ready:
-                    self._warm += 1
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -220,38 +372,92 @@ class _VerifierPool:
             pool.stop()
             pool.join(timeout=10)
 
-    def run(self, tasks: list[tuple[str, str]], timeout_s: float) -> list[str]:
-        """Verdicts on ``(answer, reference)`` pairs, in order; each gets ``timeout_s`` of worker time from
-        when a worker takes it (one that misses it is ``wrong``)."""
-        pool = self._get()
+    def _replaced(self, hard_timeout: bool) -> None:
+        with self._lock:  # pebble killed or lost the worker and starts a replacement
+            self._started += 1
+            self.restarts += 1
+            self.hard_timeouts += hard_timeout
+
+    def _round(
+        self, judge: Callable[..., str], tasks: list[tuple[str, str]], timeout_s: float
+    ) -> tuple[list[tuple[str | None, BaseException | None]], int]:
+        """One attempt at every task: ``(verdict, None)``, or ``(None, the ProcessExpired)`` when the item's
+        worker died on it, and how many of its workers were replaced; everything else that is not a
+        verdict raises :class:`RewardWorkerError`. Counts are this call's own, whatever other threads do."""
+        pool, replaced = self._get()
         soft_s = max(0.001, _SOFT_FRACTION * timeout_s)
-        futures = [pool.schedule(_judge, args=(a, r, soft_s), timeout=timeout_s) for a, r in tasks]
+        futures: list[cf.Future] = []
         try:
+            try:
+                for a, r in tasks:
+                    futures.append(pool.schedule(judge, args=(a, r, soft_s), timeout=timeout_s))
+            except RuntimeError as error:  # pebble: "Unexpected error within the Pool" (it broke)
+                raise self._failure(error) from error
             # pebble bounds each item once a worker has it; this bounds waiting for workers at all.
             _, late = cf.wait(futures, timeout=_STARTUP_TIMEOUT_S + len(tasks) * timeout_s)
             if late:
-                raise RuntimeError(
+                raise RewardWorkerError(
                     f"reward workers took no work for {_STARTUP_TIMEOUT_S:.0f} s; "
-                    "check that math_verify imports in a fresh interpreter"
+                    "check that `python -c 'import math_verify'` works in this environment"
                 )
-            results = []
-            for idx, future in enumerate(futures):
+            out: list[tuple[str | None, BaseException | None]] = []
+            for (answer, reference), future in zip(tasks, futures, strict=True):
                 error = future.exception()
                 if error is None:
-                    results.append(future.result())
-                    continue
-                results.append(WRONG)
-                if isinstance(error, (TimeoutError, cf.TimeoutError, pebble.ProcessExpired)):
-                    with self._lock:  # pebble killed or lost the worker and starts a replacement
-                        self._started += 1
-                        self.hard_timeouts += not isinstance(error, pebble.ProcessExpired)
-                    logger.debug("reward item %d: %r; worker replaced", idx, error)
-                else:  # e.g. BrokenProcessPool: the next call starts a fresh pool
-                    logger.warning("reward item %d failed in the worker pool: %r", idx, error)
-            return results
+                    out.append((future.result(), None))
+                elif isinstance(error, TimeoutError):  # the hard deadline: a defined score, counted
+                    self._replaced(hard_timeout=True)
+                    replaced += 1
+                    out.append((_OUT_OF_LIMITS, None))
+                elif isinstance(error, pebble.ProcessExpired):
+                    self._replaced(hard_timeout=False)
+                    replaced += 1
+                    out.append((None, error))
+                elif isinstance(error, BrokenProcessPool):
+                    raise self._failure(error) from error
+                else:  # a pickling error, or an exception from the verifier itself
+                    raise RewardWorkerError(
+                        f"the math reward could not judge the answer {answer[:80]!r} against the reference "
+                        f"{reference[:80]!r}: {type(error).__name__}: {error} (a bug or a broken install, "
+                        "not a property of the answer; the worker's traceback is chained below)"
+                    ) from error
+            return out, replaced
         finally:
             for future in futures:  # only matters on an exception (e.g. KeyboardInterrupt)
                 future.cancel()
+
+    def run(
+        self, tasks: list[tuple[str, str]], timeout_s: float, judge: Callable[..., str] | None = None
+    ) -> tuple[list[str], int]:
+        """Verdicts on ``(answer, reference)`` pairs, in order (``_OUT_OF_LIMITS`` for an item that ran past
+        ``timeout_s`` of worker time, counted from when a worker took it), and how many workers had to be
+        replaced meanwhile.
+
+        An item whose worker died on it (a segfault in C code, the out-of-memory killer) is retried once, in
+        the pool pebble has refilled with a fresh worker; a second death raises. ``judge`` replaces
+        :func:`_judge` (same signature, importable by a spawned worker) for tests of the failure paths.
+        """
+        judge = judge or _judge
+        results, restarts = self._round(judge, tasks, timeout_s)
+        died = [i for i, (_, error) in enumerate(results) if error is not None]
+        if died:
+            for idx in died:
+                logger.warning("reward item %d: its worker died (%r); retrying it once", idx, results[idx][1])
+            again, more = self._round(judge, [tasks[i] for i in died], timeout_s)
+            restarts += more
+            for idx, (verdict, error) in zip(died, again, strict=True):
+                if error is not None:
+                    first = results[idx][1]
+                    answer, reference = tasks[idx]
+                    raise RewardWorkerError(
+                        f"a reward worker died on the answer {answer[:80]!r} (reference {reference[:80]!r}) "
+                        f"twice, with exit codes {first.exitcode} and {error.exitcode} (negative: killed by "
+                        "that signal, e.g. -9 by the out-of-memory killer); the answer was not judged, "
+                        "and scoring it 0.0 would be a guess. Check the machine's memory (dmesg) and "
+                        "LIT_DASH_REWARD_WORKERS"
+                    ) from error
+                results[idx] = (verdict, None)
+        return [verdict for verdict, _ in results], restarts
 
 
 def _default_workers() -> int:
@@ -287,6 +493,10 @@ def math_verdicts(
     once it is dispatched; with ``W`` workers a batch takes at most about ``ceil(n / W) * timeout_s``.
     Completions without a usable answer, or whose answer is character-for-character the reference, are
     judged in the caller without IPC, and repeated ``(answer, reference)`` pairs are verified once.
+
+    A comparison that runs past ``timeout_s`` (or out of SymPy's recursion depth or memory) is ``wrong`` and
+    counted in every open :func:`reward_events` scope; workers that cannot judge raise
+    :class:`RewardWorkerError` (see the module docstring).
     """
     if len(completions) != len(references):
         raise ValueError(f"got {len(completions)} completions but {len(references)} references")
@@ -308,11 +518,16 @@ def math_verdicts(
             verdicts[i] = CORRECT
         else:
             task_of.setdefault((answer, reference), []).append(i)
+    timeouts = restarts = 0
     if task_of:
         tasks = list(task_of)
-        for task, verdict in zip(tasks, _POOL.run(tasks, timeout_s), strict=True):
+        judged, restarts = _POOL.run(tasks, timeout_s)
+        for task, verdict in zip(tasks, judged, strict=True):
+            if verdict == _OUT_OF_LIMITS:
+                verdict, timeouts = WRONG, timeouts + len(task_of[task])
             for i in task_of[task]:
                 verdicts[i] = verdict
+    _record(len(completions), timeouts, restarts)
     return verdicts
 
 
@@ -340,6 +555,7 @@ def math_reward(
     default, is in final form: see :mod:`lit_dash.rewards.final_form`), else 0.0.
 
     ``reference`` is a plain answer (``"18"``, ``"\\frac{1}{2}"``, ``"(3, \\frac{\\pi}{2})"``). Never raises
-    on any completion text and returns within about ``timeout_s``, from any thread.
+    because of the completion's text and returns within about ``timeout_s``, from any thread; raises
+    :class:`RewardWorkerError` when the worker processes fail (a score is never made up).
     """
     return math_rewards([completion], [reference], timeout_s, require_final_form=require_final_form)[0]

@@ -5,6 +5,10 @@ callable). When it raises, returns the wrong number of values, or returns someth
 number, the run stops with a :class:`RewardError` that says which reward, which completion (its index in
 the rollout, its problem and the start of its text) and what was wrong: a NaN reward would otherwise turn
 every advantage of its group into NaN, and a silently broken reward looks like a model that never learns.
+
+A :class:`~lit_dash.rewards.math.RewardWorkerError` (the math reward's worker processes failed) passes
+through unchanged: it is not a property of any completion, so bisecting for one would only start the
+failing workers again, and "make it score such completions 0.0" would be the wrong advice.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from lit_dash.data.records import Problem
 from lit_dash.errors import RunStopped
+from lit_dash.rewards.math import RewardWorkerError
 
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
 _SHOWN_CHARS = 80  # how much of a completion an error message quotes
@@ -42,6 +47,8 @@ def _sample(i: int, texts: list[str], problems: list[Problem]) -> str:
 def _raises(reward_fn: RewardFn, texts: list[str], problems: list[Problem]) -> bool:
     try:
         reward_fn(texts, problems)
+    except RewardWorkerError:
+        raise
     except Exception:  # noqa: BLE001 - any failure is what is being looked for
         return True
     return False
@@ -68,6 +75,8 @@ def score_completions(reward_fn: RewardFn, texts: list[str], problems: list[Prob
     name = reward_name(reward_fn)
     try:
         values = reward_fn(texts, problems)
+    except RewardWorkerError:
+        raise
     except Exception as exc:
         what = f"{type(exc).__name__}: {exc}"
         i = _a_failing_completion(reward_fn, texts, problems)
