@@ -53,7 +53,8 @@ class RolloutData(Protocol):
     prompt_style: str
     instruction: str
     eval_max_new_tokens: int
-    skipped_long_prompts: int  # logged each step
-    skip_history: SkipHistory | None  # data.prompt_skipping's world-wide history, or None
+    # optional: logged each step when present (0 / None otherwise), as a minimal datamodule may lack them
+    skipped_long_prompts: int
+    skip_history: SkipHistory | None  # data.prompt_skipping's world-wide history
 
     def rollout(self, problems: list[Problem], reward_fn: RewardFn) -> Rollout: ...

@@ -25,8 +25,9 @@ def step_metrics(
     metrics["train/lr"] = lr
     metrics["train/skipped_steps"] = float(skipped_steps)
     metrics["train/nonfinite_steps"] = float(nonfinite_steps)
-    metrics["train/skipped_long_prompts"] = float(data.skipped_long_prompts)
-    history = data.skip_history
+    # optional members of the contract (a minimal datamodule, e.g. a test's replay, may lack them)
+    metrics["train/skipped_long_prompts"] = float(getattr(data, "skipped_long_prompts", 0))
+    history = getattr(data, "skip_history", None)
     metrics["train/skipped_prompts_total"] = float(history.skipped_prompts_total if history else 0)
     metrics["train/skipped_completions_total"] = metrics["train/skipped_prompts_total"] * float(
         rollout.group_size
