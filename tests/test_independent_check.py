@@ -71,7 +71,7 @@ STEPS = 2
 
 
 def _short_demo(root: Path) -> Path:
-    """configs/demo.yaml, shortened: 2 steps of 8 prompts x 8, 50 eval problems at steps 0 and 2."""
+    """configs/demo.yaml, shortened: 2 steps of 8 prompts x 8, 50 eval problems at steps 0 and 2, fp32."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     trainer = config["trainer"]
     trainer.update(max_steps=STEPS, default_root_dir=str(root), enable_progress_bar=False)
@@ -87,6 +87,10 @@ def _short_demo(root: Path) -> Path:
     data["prompts_per_rollout"] = 8
     data["eval_sets"]["arithmetic"]["num_problems"] = 50
     data["engine"]["kv_cache_gib"] = 0.5
+    # pinned to fp32 as the scorer is: with precision auto a bf16-native CPU would train and evaluate in
+    # bf16, and greedy text from a bf16 engine differs from an fp32 one on the same weights
+    config["model"]["init_args"]["precision"] = "float32"
+    data["engine"]["dtype"] = "float32"
     path = root / "short_demo.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
