@@ -25,7 +25,7 @@ from pathlib import Path
 from lit_dash import console
 from lit_dash.data.formatting import INSTRUCTION, format_prompts
 from lit_dash.data.records import Problem
-from lit_dash.engines.base import Engine, SamplingConfig
+from lit_dash.engines.base import Engine, GenerationResult, SamplingConfig
 from lit_dash.rewards import extract_answer, math_rewards, math_verdicts
 from lit_dash.rewards.math import CORRECT, UNEVALUATED
 from lit_dash.rewards.scoring import score_completions
@@ -163,15 +163,42 @@ class Evaluator:
             last_number_fallback  # only for the "extracted" column; scores come from reward_fn
         )
 
+    def _generate(self, engine: Engine, problems: list[Problem]) -> tuple[list[str], GenerationResult]:
+        """The problems' prompts and one completion each, at this evaluator's sampling."""
+        prompts = format_prompts(
+            problems, engine.tokenizer, style=self.prompt_style, instruction=self.instruction
+        )
+        return prompts, engine.generate(prompts, 1, self.sampling)
+
+    def predict_batch(self, engine: Engine, problems: list[Problem], reward_fn: RewardFn) -> list[dict]:
+        """``lit-dash predict``'s records: one completion per problem, generated as for evaluation;
+        problems with an ``answer`` are scored by ``reward_fn`` too (``reference`` and ``reward``)."""
+        prompts, result = self._generate(engine, problems)
+        records = [
+            {
+                "source_id": p.source_id,
+                "question": p.question,
+                "prompt": prompt,
+                "completion": c.text,
+                "extracted": extract_answer(c.text, self.last_number_fallback),
+                "completion_tokens": len(c.token_ids),
+                "truncated": c.truncated,
+            }
+            for p, prompt, c in zip(problems, prompts, result.completions, strict=True)
+        ]
+        scored = [i for i, p in enumerate(problems) if p.answer]
+        if scored:
+            rewards = reward_fn([records[i]["completion"] for i in scored], [problems[i] for i in scored])
+            for i, reward in zip(scored, rewards, strict=True):
+                records[i].update(reference=problems[i].answer, reward=float(reward))
+        return records
+
     def score_batch(
         self, engine: Engine, problems: list[Problem], reward_fn: RewardFn = default_reward
     ) -> list[dict]:
         """Generate one completion per problem and return one record per problem (for JSONL)."""
-        prompts = format_prompts(
-            problems, engine.tokenizer, style=self.prompt_style, instruction=self.instruction
-        )
         with console.phase(f"evaluating {self.name}"):  # what the progress bar says the engine is doing
-            result = engine.generate(prompts, 1, self.sampling)
+            prompts, result = self._generate(engine, problems)
         texts = [c.text for c in result.completions]
         rewards = score_completions(reward_fn, texts, problems).tolist()
         verdicts = math_verdicts(

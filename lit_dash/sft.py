@@ -27,12 +27,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from lit_dash.data.buffer import MicroBatch, pad_micro_batch
+from lit_dash.data.batches import MicroBatch, pad_micro_batch
 from lit_dash.data.datamodule import RolloutDataModule
 from lit_dash.data.formatting import format_prompts
 from lit_dash.data.records import Problem
-from lit_dash.data.sources import DataError, last_boxed
+from lit_dash.data.sources import DataError
 from lit_dash.module import DashModule
+from lit_dash.rewards.boxed import last_boxed
 
 __all__ = ["SftDataModule", "SftModule", "sft_micro_batch", "sft_target", "sft_token_rows"]
 

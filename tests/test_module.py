@@ -15,6 +15,7 @@ from lit_dash.engines import SamplingConfig
 from lit_dash.errors import RunStopped
 from lit_dash.module import DashModule, EngineParityError, default_parity_threshold
 from lit_dash.rewards.examples import FormatBonusModule
+from lit_dash.training.update import update_plan
 
 VOCAB = 49152  # the tiny model has SmolLM2's tokenizer: the longest fp32 sum on a log-prob's path
 PROBLEMS = [Problem(question=f"What is {i} + 2?", answer=str(i + 2), source_id=f"t:{i}") for i in range(3)]
@@ -150,7 +151,7 @@ def test_custom_reward_subclass_changes_the_reward():
 )
 def test_update_plan_per_mode(kwargs, sizes, most, plan):
     module = DashModule(model="tiny-llama", **kwargs)
-    assert module._update_plan(sizes, most) == plan
+    assert update_plan(module.update_spec, sizes, most) == plan
 
 
 @pytest.mark.parametrize(

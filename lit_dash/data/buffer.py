@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lit_dash import losses
+from lit_dash.advantages import group_advantages, keep_mask, zero_variance_groups
+from lit_dash.data.batches import MicroBatch, completion_length, pack_rows, pad_completions, pad_micro_batch
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Completion, Engine, SamplingConfig
 from lit_dash.rewards.math import RewardEvents, reward_events
@@ -55,36 +56,6 @@ ROLLOUT_MODES = ("preemptive", "per_micro_batch")
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
 # DAPO refill: given a number of prompts, the next problems of the refill stream and their prompt texts
 RefillFn = Callable[[int], tuple[list[Problem], list[str]]]
-
-
-@dataclass
-class MicroBatch:
-    """Kept completions, right-padded, ready for one forward/backward pass.
-
-    ``input_ids [b, L]`` is prompt + completion; ``completion_mask [b, L-1]`` marks the positions whose
-    *next-token* prediction is a completion token (aligned with ``logits[:, :-1]``).
-
-    ``temperature`` is the sampling temperature of the completions: the trainer's log-probs, entropy, KL
-    and PPO ratio use ``logits / temperature`` (0, greedy, counts as 1). ``engine_logprobs [b, L-1]``
-    (aligned with ``completion_mask``, zero elsewhere) holds the log-prob the engine's sampler gave each
-    sampled token, after temperature and top-k / top-p; ``None`` when the engine reported none.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
-    advantages: torch.Tensor
-    rows: list[int]
-    temperature: float = 1.0
-    engine_logprobs: torch.Tensor | None = None
-
-    @property
-    def num_completions(self) -> int:
-        return len(self.rows)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
 
 
 @dataclass
@@ -167,7 +138,7 @@ class Rollout:
     def stats(self) -> dict[str, float]:
         """Scalars for the logger: units in the names (completions, tokens, groups)."""
         lengths = torch.tensor([len(c.token_ids) for c in self.completions], dtype=torch.float32)
-        zero_var = losses.zero_variance_groups(self.rewards, self.group_size)
+        zero_var = zero_variance_groups(self.rewards, self.group_size)
         padded = sum(mb.input_ids.numel() for mb in self.micro_batches)
         real = sum(mb.num_tokens for mb in self.micro_batches)
         kept_adv = self.advantages[self.kept]
@@ -210,7 +181,7 @@ class RolloutBuffer:
             of a fixed completion count (micro_batch_size still caps the count).
         filter_threshold: drop completions with |r - group mean| <= this x (group std + 1e-4), i.e.
             |A| <= this for std-scaled advantages, and the same completions when ``scale_rewards`` is off
-            (see ``losses.keep_mask``); ``None`` keeps all (standard GRPO).
+            (see ``lit_dash.advantages.keep_mask``); ``None`` keeps all (standard GRPO).
         rollout_mode: ``preemptive`` (one engine call) or ``per_micro_batch`` (one call per micro-batch).
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
         slices: cut the kept completions into this many slices of (nearly) equal size, one per optimizer
@@ -327,8 +298,8 @@ class RolloutBuffer:
         """[groups] bool: the group has at least one completion the filter keeps (a non-constant group
         when filtering is off)."""
         if self.filter_threshold is None:
-            return ~losses.zero_variance_groups(rewards, self.group_size)
-        kept = losses.keep_mask(rewards, self.group_size, self.filter_threshold)
+            return ~zero_variance_groups(rewards, self.group_size)
+        kept = keep_mask(rewards, self.group_size, self.filter_threshold)
         return kept.view(-1, self.group_size).any(dim=1)
 
     def _score(
@@ -428,11 +399,11 @@ class RolloutBuffer:
             timings["reward"] = time.perf_counter() - t1
         t2 = time.perf_counter()
 
-        advantages = losses.group_advantages(rewards, self.group_size, scale_by_std=self.scale_rewards)
+        advantages = group_advantages(rewards, self.group_size, scale_by_std=self.scale_rewards)
         if self.filter_threshold is None:
             kept = torch.ones_like(rewards, dtype=torch.bool)
         else:
-            kept = losses.keep_mask(rewards, self.group_size, self.filter_threshold)
+            kept = keep_mask(rewards, self.group_size, self.filter_threshold)
         rows = [i for i in range(len(completions)) if kept[i]]
         micro_batches, slice_sizes = self._sliced_micro_batches(rows, prompt_ids, completions, advantages)
         probe = None
@@ -472,7 +443,7 @@ class RolloutBuffer:
         if self.slices == 1:
             micro_batches = self._micro_batches(rows, prompt_ids, completions, advantages)
             return micro_batches, [len(micro_batches)]
-        length = {r: self._length(r, prompt_ids, completions) for r in rows}
+        length = {r: completion_length(r, prompt_ids, completions) for r in rows}
         ordered = sorted(rows, key=lambda r: length[r])
         n, s = len(ordered), self.slices
         micro_batches: list[MicroBatch] = []
@@ -485,10 +456,6 @@ class RolloutBuffer:
             sizes.append(len(part))
         return micro_batches, sizes
 
-    @staticmethod
-    def _length(row: int, prompt_ids: list[list[int]], completions: list[Completion]) -> int:
-        return len(prompt_ids[completions[row].prompt_index]) + len(completions[row].token_ids)
-
     def _micro_batches(
         self,
         rows: list[int],
@@ -497,72 +464,11 @@ class RolloutBuffer:
         advantages: torch.Tensor,
     ) -> list[MicroBatch]:
         """Sort kept rows by total length and cut them into micro-batches, so little is padded."""
-        length = {r: self._length(r, prompt_ids, completions) for r in rows}
-        ordered = sorted(rows, key=lambda r: length[r])
-        groups: list[list[int]] = []
-        for r in ordered:
-            if groups:
-                current = groups[-1]
-                width = max(length[r], max(length[x] for x in current))
-                fits_tokens = (
-                    self.max_tokens_per_micro_batch is None
-                    or width * (len(current) + 1) <= self.max_tokens_per_micro_batch
-                )
-                if len(current) < self.micro_batch_size and fits_tokens:
-                    current.append(r)
-                    continue
-            groups.append([r])
-        return [self._pad(g, prompt_ids, completions, advantages) for g in groups]
-
-    def _pad(
-        self,
-        rows: list[int],
-        prompt_ids: list[list[int]],
-        completions: list[Completion],
-        advantages: torch.Tensor,
-    ) -> MicroBatch:
-        seqs = [(prompt_ids[completions[r].prompt_index], completions[r].token_ids) for r in rows]
-        engine_logprobs = [completions[r].logprobs for r in rows]
-        if not all(
-            len(lp) == len(completions[r].token_ids) for lp, r in zip(engine_logprobs, rows, strict=True)
-        ):
-            engine_logprobs = None  # an engine that reports no (or partial) log-probs: no parity check
-        return pad_micro_batch(
-            seqs,
-            self.pad_token_id,
-            advantages[rows].clone(),
-            rows,
-            temperature=self.sampling.temperature,
-            engine_logprobs=engine_logprobs,
-        )
-
-
-def pad_micro_batch(
-    seqs: list[tuple[list[int], list[int]]],
-    pad_token_id: int,
-    advantages: torch.Tensor,
-    rows: list[int],
-    temperature: float = 1.0,
-    engine_logprobs: list[list[float]] | None = None,
-) -> MicroBatch:
-    """Right-pad ``(prompt ids, completion ids)`` pairs into one :class:`MicroBatch`; the completion mask
-    marks the positions whose next token is a completion token (aligned with ``logits[:, :-1]``), and
-    ``engine_logprobs[i]`` (one per completion token of pair i) is laid out on the same positions."""
-    width = max(len(p) + len(c) for p, c in seqs)
-    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
-    engine = None if engine_logprobs is None else torch.zeros((len(seqs), width - 1), dtype=torch.float32)
-    for i, (p, c) in enumerate(seqs):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-        attention[i, : len(p) + len(c)] = 1
-        completion_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
-        if engine is not None:
-            if len(engine_logprobs[i]) != len(c):
-                raise ValueError(
-                    f"completion {i} has {len(c)} tokens but {len(engine_logprobs[i])} engine log-probs"
-                )
-            engine[i, len(p) - 1 : len(p) + len(c) - 1] = torch.tensor(
-                engine_logprobs[i], dtype=torch.float32
+        length = {r: completion_length(r, prompt_ids, completions) for r in rows}
+        groups = pack_rows(rows, length, self.micro_batch_size, self.max_tokens_per_micro_batch)
+        return [
+            pad_completions(
+                g, prompt_ids, completions, advantages, self.pad_token_id, self.sampling.temperature
             )
-    return MicroBatch(input_ids, attention, completion_mask, advantages, rows, temperature, engine)
+            for g in groups
+        ]

