@@ -103,7 +103,7 @@ class CheckpointHooks(L.LightningModule):
     """The module's checkpoint hooks, as a mixin of :class:`lit_dash.module.DashModule`: the counters and
     every rank's RNG states in ``checkpoint["lit_dash"]``, the state-dict edits above on save and their
     undoing on load. Needs ``policy``, ``reference``, ``lora``, ``configure_model`` and the
-    ``skipped_steps`` / ``nonfinite_steps`` counters."""
+    ``skipped_steps`` / ``nonfinite_steps`` counters and the parity guard (``_parity``)."""
 
     _rng_to_restore: list | None = None
 
@@ -117,6 +117,7 @@ class CheckpointHooks(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "nonfinite_steps": self.nonfinite_steps,
             "rng": rng_states_by_rank(),
+            "parity_gaps": self._parity.trend.state_dict(),  # a resumed run judges the same rising gap
         }
         if self.lora and "state_dict" in checkpoint:  # the adapters alone: the base reloads from disk
             trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
@@ -127,6 +128,7 @@ class CheckpointHooks(L.LightningModule):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self._rng_to_restore = state.get("rng")
+        self._parity.trend.load_state_dict(state.get("parity_gaps", {}))
         self.configure_model()
         if self.reference is not None and "state_dict" in checkpoint:  # the base model's, just loaded
             restore_reference(checkpoint["state_dict"], self.reference.state_dict())

@@ -7,10 +7,10 @@ import pytest
 from lit_dash.training.gap_trend import GapTrend
 
 
-def _first_flag(gaps, **kwargs):
+def _first_flag(gaps, floor=0.0, **kwargs):
     trend = GapTrend(**kwargs)
     for step, gap in enumerate(gaps, start=1):
-        if trend.update(gap) is not None:
+        if trend.update(gap, floor) is not None:
             return step
     return None
 
@@ -49,11 +49,11 @@ def test_steps_zero_is_off_and_bad_settings_are_refused():
 
 
 def test_the_history_survives_a_checkpoint():
-    trend = GapTrend(floor=0.01)
+    trend = GapTrend()
     for gap in (0.03, 0.10, 0.13):
-        assert trend.update(gap) is None
-    resumed = GapTrend(floor=0.01)
+        assert trend.update(gap, 0.01) is None
+    resumed = GapTrend()
     resumed.load_state_dict(trend.state_dict())
-    message = resumed.update(0.18)
+    message = resumed.update(0.18, 0.01)
     assert message is not None and "0.0300, 0.1000, 0.1300, 0.1800" in message and "6.0x" in message
-    assert GapTrend(floor=0.01).update(0.18) is None  # negative control: without the history, nothing
+    assert GapTrend().update(0.18, 0.01) is None  # negative control: without the history, nothing

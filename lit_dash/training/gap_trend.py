@@ -26,12 +26,10 @@ class GapTrend:
     Args:
         steps: rises in a row that count as a trend (0 = off).
         factor: how much the last gap must exceed the first of the run of rises.
-        floor: a trend must end above this gap (nats per token).
     """
 
     steps: int = 3
     factor: float = 2.0
-    floor: float = 0.0
     history: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -40,15 +38,16 @@ class GapTrend:
         if self.factor <= 1.0:
             raise ValueError(f"factor must be > 1, got {self.factor}")
 
-    def update(self, gap: float) -> str | None:
-        """Record one step's mean gap; a sentence describing the trend when there is one, else None."""
+    def update(self, gap: float, floor: float = 0.0) -> str | None:
+        """Record one step's mean gap; a sentence describing the trend when there is one (ending above
+        ``floor``, nats per token), else None."""
         self.history.append(float(gap))
         del self.history[: -(self.steps + 1)]
         if self.steps == 0 or len(self.history) < self.steps + 1:
             return None
         run = self.history
         rising = all(b > a for a, b in zip(run[:-1], run[1:], strict=True))
-        if not rising or run[-1] < self.factor * run[0] or run[-1] <= self.floor:
+        if not rising or run[-1] < self.factor * run[0] or run[-1] <= floor:
             return None
         shown = ", ".join(f"{g:.4f}" for g in run)
         return (

@@ -150,8 +150,7 @@ class ParityGuard:
         mean = gap_sum / gap_tokens
         self.last_gap = {"mean": mean, "max": gap_max, "tokens": gap_tokens}
         figures = {"train/engine_logprob_gap": mean, "train/engine_logprob_gap_max": gap_max}
-        self.trend.floor = threshold / 10  # fp32 noise doubling from 1e-7 is no trend
-        rising = self.trend.update(mean)
+        rising = self.trend.update(mean, floor=threshold / 10)  # fp32 noise doubling from 1e-7 is no trend
         if parity_check != "off" and rising is not None and mean <= threshold:
             text = (
                 f"engine/trainer parity: {rising}. Pin model.precision and data.engine.dtype to the same "
