@@ -245,8 +245,8 @@ def test_dynamic_sampling_stops_at_its_cap_and_keeps_the_rollout_size(tiny_engin
 
 def test_the_math_rewards_timeouts_and_restarts_are_the_steps_own(tiny_engine, monkeypatch):
     """Counted in the step's reward calls, logged through Rollout.stats as train/reward_*, warned once."""
-    from lit_dash.rewards import math as reward_module
     from lit_dash.rewards import math_rewards, warm_up_reward_workers
+    from lit_dash.rewards import verifier as reward_module
 
     monkeypatch.setattr(reward_module, "_SOFT_FRACTION", 100.0)  # only the hard kill stops it: 1 restart
     warm_up_reward_workers()

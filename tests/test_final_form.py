@@ -18,15 +18,8 @@ from math_verify import parse
 from lit_dash.data.sources import load_gsm8k, load_math500
 from lit_dash.rewards import math_rewards, math_verdicts
 from lit_dash.rewards.final_form import _MAX_ROOT_BASE, arithmetic_left, divisions_left
-from lit_dash.rewards.math import (
-    CORRECT,
-    NO_ANSWER,
-    UNEVALUATED,
-    WRONG,
-    _parse_reference,
-    _verdict,
-    math_reward,
-)
+from lit_dash.rewards.math import CORRECT, NO_ANSWER, UNEVALUATED, WRONG, math_reward
+from lit_dash.rewards.verifier import _parse_reference, _verdict
 
 # (completion as the 135M model wrote it, reference)
 HACKS = [

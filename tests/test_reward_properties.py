@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from lit_dash.data.sources import last_boxed
 from lit_dash.rewards import extract_answer, math_rewards, warm_up_reward_workers
-from lit_dash.rewards import math as reward_module
+from lit_dash.rewards import verifier as reward_module
 
 SLACK_S = 1.5  # IPC, killing and replacing a worker on a loaded 2-core machine
 TIMEOUT_S = 0.5

@@ -21,8 +21,8 @@ import reward_faults
 from _paths import REPO_ROOT
 
 from lit_dash.rewards import RewardWorkerError, math_rewards, reward_events, warm_up_reward_workers
-from lit_dash.rewards import math as reward_module
-from lit_dash.rewards.math import _OUT_OF_LIMITS, _judge, _VerifierPool
+from lit_dash.rewards import verifier as reward_module
+from lit_dash.rewards.verifier import _OUT_OF_LIMITS, _judge, _VerifierPool
 
 HANG = "\\boxed{9^{9^{9^{9^9}}}}"  # SymPy computes a number with hundreds of millions of digits
 SLACK_S = 1.5  # on top of timeout_s for IPC, killing and replacing a worker on a loaded 2-core box
@@ -61,7 +61,7 @@ def test_an_unguarded_script_fails_loudly_instead_of_scoring_zeros(tmp_path):
     assert result.returncode != 0, result.stdout
     assert "SCORES" not in result.stdout  # no scores at all, rather than six wrong zeros
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("lit_dash.rewards.math.RewardWorkerError: reward workers could not start")
+    assert last_line.startswith("lit_dash.rewards.verifier.RewardWorkerError: reward workers could not start")
     assert f"this script ({tmp_path / 'unguarded.py'}) runs again in each reward worker" in last_line
     assert "put its work under `if __name__ == '__main__':`" in last_line
     # the worker's own traceback, above, says the same from where the script called the reward

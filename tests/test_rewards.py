@@ -11,7 +11,7 @@ import pytest
 from _paths import SHARED_DATA
 
 from lit_dash.rewards import extract_answer, math_reward, math_rewards
-from lit_dash.rewards import math as reward_module
+from lit_dash.rewards import verifier as reward_module
 from lit_dash.rewards.math import has_answer, warm_up_reward_workers
 
 # Slack on top of timeout_s for IPC, killing and replacing a worker on a loaded 2-core CI box.
