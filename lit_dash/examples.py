@@ -2,7 +2,7 @@
 
     lit-dash fit --config configs/demo.yaml --model lit_dash.rewards.examples.FormatBonusModule
 
-(that path, the README's, re-exports this one: the example subclasses the module, so
+(that path, the documented one, re-exports this one: the example subclasses the module, so
 it lives above it, not in the ``rewards`` leaf package)
 
 Correct answers still score 1.0; a wrong answer that is at least put in ``\\boxed{}`` earns a small

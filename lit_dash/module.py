@@ -258,7 +258,7 @@ class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
 
     def configure_callbacks(self):
         """Weight sync is not optional: without it the engine keeps sampling from the initial weights."""
-        from lit_dash.callbacks.weight_sync import WeightSync  # the one import of a callback: see README
+        from lit_dash.callbacks.weight_sync import WeightSync  # the one callback import: docs/how-it-works.md
 
         if any(isinstance(c, WeightSync) for c in self.trainer.callbacks):
             return []

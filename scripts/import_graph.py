@@ -30,7 +30,7 @@ LAYERS = [
     ("callbacks", ["callbacks"]),
     ("top", ["cli", "examples"]),
 ]
-MAX_UPWARD = 2  # the imports that run back up, each named in the README's "How it works"
+MAX_UPWARD = 2  # the imports that run back up, each named in docs/how-it-works.md
 
 
 def module_name(path: Path) -> str:
