@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["filter_mask", "group_advantages", "keep_mask", "zero_variance_groups"]
+__all__ = ["filter_mask", "group_advantages", "keep_mask", "overlong_penalty", "zero_variance_groups"]
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -102,3 +102,19 @@ def keep_mask(rewards: Tensor, group_size: int, threshold: float, eps: float = 1
     ``threshold >= 0``. Needs ``group_size >= 2`` (the unbiased std).
     """
     return filter_mask(group_advantages(rewards, group_size, scale_by_std=True, eps=eps), threshold)
+
+
+def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer_tokens: int) -> Tensor:
+    """DAPO's soft overlong punishment, added to the reward before advantages.
+
+    Shapes: ``lengths [B]`` (completion tokens) -> ``[B]``, each in ``[-1, 0]``: 0 up to
+    ``max_new_tokens - buffer_tokens``, then falling linearly to -1 at ``max_new_tokens`` (a completion
+    the engine cut off), ``-(length - (L - buffer)) / buffer``. So a correct answer that nearly ran out of
+    room earns less than a short one, and a truncated one gets -1 whatever it said.
+    """
+    if not 1 <= buffer_tokens <= max_new_tokens:
+        raise ValueError(
+            f"the overlong buffer must be 1..max_new_tokens ({max_new_tokens}) tokens, got {buffer_tokens}"
+        )
+    over = _as_float(lengths) - (max_new_tokens - buffer_tokens)
+    return -(over / buffer_tokens).clamp(0.0, 1.0)

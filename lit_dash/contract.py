@@ -40,6 +40,9 @@ class RolloutPolicy(Protocol):
     @property
     def rollout_slices(self) -> int: ...  # slices the buffer cuts kept completions into
 
+    @property
+    def trains_dropped_rows(self) -> bool: ...  # micro-batch dropped completions too (kl_over: sampled)
+
     def model_path(self) -> str: ...  # the local folder the engine loads
 
     def apply_rollout_budget(self) -> None: ...  # model.max_rollouts as trainer.max_steps

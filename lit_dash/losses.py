@@ -33,11 +33,14 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# advantages and sample selection live in lit_dash.advantages; named here too, as they always were
+# advantages and sample selection live in lit_dash.advantages, the KL penalty in lit_dash.kl; named here
+# too, as they always were
 from lit_dash.advantages import filter_mask, group_advantages, keep_mask, zero_variance_groups
+from lit_dash.kl import KL_ESTIMATORS, KL_GRADIENTS, kl_penalty
 
 __all__ = [
     "KL_ESTIMATORS",
+    "KL_GRADIENTS",
     "LOSS_AGG_MODES",
     "aggregate_loss",
     "chunked_logprobs_and_entropy",
@@ -76,25 +79,58 @@ def policy_loss(
     mask: Tensor,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
-) -> tuple[Tensor, Tensor]:
-    """PPO clipped surrogate, per token.
+    *,
+    log_ratio_clamp: float | None = 20.0,
+    clip_ratio_c: float | None = 3.0,
+    return_dual_clip_fraction: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate, per token, with the two bounds that keep stale tokens finite.
 
     Shapes: ``logprobs [B, T]``, ``old_logprobs [B, T]`` or ``None``, ``advantages [B]`` (one value per
     sequence, broadcast over its tokens; ``[B, T]`` is accepted too), ``mask [B, T]`` ->
-    ``(per_token_loss [B, T], clip_fraction [])``.
+    ``(per_token_loss [B, T], clip_fraction [])``, plus ``dual_clip_fraction []`` when
+    ``return_dual_clip_fraction`` is set.
 
-    ``ratio = exp(logprobs - old_logprobs)`` and
+    ``ratio = exp(clamp(logprobs - old_logprobs, -log_ratio_clamp, log_ratio_clamp))`` and
     ``loss = -min(ratio * A, clip(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A)``. Separate low/high
     epsilons allow DAPO's "clip-higher". The loss is *not* masked (padding positions hold whatever the
     formula gives); ``aggregate_loss`` applies the mask.
 
+    Two bounds matter only off-policy (several optimizer steps on one rollout, ``old_logprobs`` given),
+    where a token's ratio can drift far from 1:
+
+    * ``log_ratio_clamp`` (default 20, None: off): the log-ratio is clamped before ``exp``, so the ratio
+      lies in ``[exp(-20), exp(20)]`` and can never overflow (fp32 ``exp`` is inf past 88.7, bf16's too).
+      Where the clamp binds the ratio is a constant and the token's gradient is zero.
+    * ``clip_ratio_c`` (default 3, must be > 1; None: off), the "dual clip": for a negative advantage the
+      pessimistic min above keeps the *unclipped* ``-ratio * A``, which grows without bound with the
+      ratio. The dual clip caps that token's loss at ``-A * clip_ratio_c``:
+      ``loss = min(-min(ratio * A, clip(ratio) * A), -A * clip_ratio_c)`` for ``A < 0``. It binds on the
+      tokens with ``ratio > clip_ratio_c`` (when ``clip_ratio_c >= 1 + clip_eps_high``, as with the
+      defaults), and the token's gradient is zero where it binds. Tokens with ``A >= 0`` are untouched.
+
     ``old_logprobs=None`` means on-policy (one gradient step per batch, as in DASH): ``old = logprobs.detach()``
     so ratio is exactly 1, nothing is clipped, and the gradient is the vanilla policy gradient
-    ``d loss / d logprobs = -A`` per token.
+    ``d loss / d logprobs = -A`` per token. Neither bound can bind at ratio 1 (the log-ratio is 0, and
+    ``-A < -A * clip_ratio_c`` for ``A < 0``), and both are applied with ``clamp`` / ``where``, which pass
+    values and gradients through unchanged where they do not bind, so the on-policy loss and its gradient
+    are bit-identical to those of the unbounded formula (as are those of off-policy tokens in range).
 
-    ``clip_fraction`` is the fraction of masked tokens on which clipping binds, i.e. the clipped term is
-    strictly the smaller one (where the token's gradient is zeroed). It is detached; 0 if the mask is empty.
+    ``clip_fraction`` is the fraction of masked tokens on which the epsilon clip binds, i.e. the clipped
+    term is strictly the smaller one (where the token's gradient is zeroed). The dual clip is *not*
+    counted there, and cannot be: the epsilon clip binds for ``A < 0`` only below ``1 - clip_eps_low``,
+    the dual clip only above ``clip_ratio_c > 1``, so the two sets of tokens are disjoint.
+    ``dual_clip_fraction`` (the optional third value) is the fraction of masked tokens on which the
+    dual-clip cap binds (verl logs it as ``pg_clipfrac_lower``); 0 when ``clip_ratio_c`` is None. Both
+    fractions are detached, and 0 if the mask is empty. The log-ratio clamp has no count of its own: a
+    token it binds on at ``exp(20)`` is counted by the epsilon clip (``A > 0``) or the dual clip, when on
+    (``A < 0``), one at ``exp(-20)`` by the epsilon clip if ``A < 0``, and by neither if ``A > 0`` (its
+    loss is ``-A exp(-20)``, its gradient zero).
     """
+    if log_ratio_clamp is not None and not log_ratio_clamp > 0:
+        raise ValueError(f"log_ratio_clamp must be > 0 (or None for no clamp), got {log_ratio_clamp}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c must be > 1 (or None for no dual clip), got {clip_ratio_c}")
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
     if old_logprobs.shape != logprobs.shape:
@@ -110,54 +146,31 @@ def policy_loss(
         raise ValueError(f"advantages must be [B] or [B, T], got {tuple(advantages.shape)}")
     advantages = advantages.to(logprobs.dtype)
 
-    ratio = torch.exp(logprobs - old_logprobs)
+    log_ratio = logprobs - old_logprobs
+    if log_ratio_clamp is not None:
+        log_ratio = torch.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages
     per_token_loss = -torch.minimum(unclipped, clipped)
 
+    dual_binds = None
+    if clip_ratio_c is not None:
+        cap = -advantages * clip_ratio_c  # the largest loss a negative-advantage token may have
+        dual_binds = (advantages < 0) & (per_token_loss > cap)
+        per_token_loss = torch.where(dual_binds, cap, per_token_loss)
+
     with torch.no_grad():
-        binds = (clipped < unclipped).to(m.dtype)
-        clip_fraction = (binds * m).sum() / m.sum().clamp_min(1.0)
+        denom = m.sum().clamp_min(1.0)
+        clip_fraction = ((clipped < unclipped).to(m.dtype) * m).sum() / denom
+        if return_dual_clip_fraction:
+            if dual_binds is None:
+                dual_clip_fraction = torch.zeros_like(clip_fraction)
+            else:
+                dual_clip_fraction = (dual_binds.to(m.dtype) * m).sum() / denom
+    if return_dual_clip_fraction:
+        return per_token_loss, clip_fraction, dual_clip_fraction
     return per_token_loss, clip_fraction
-
-
-def _kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    return logprobs - ref_logprobs
-
-
-def _kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    return 0.5 * (logprobs - ref_logprobs).square()
-
-
-def _kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1.0
-
-
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
-
-
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
-    """Per-token estimator of ``KL(pi || ref)`` from tokens sampled from ``pi``.
-
-    Shapes: ``logprobs [B, T]``, ``ref_logprobs [B, T]`` -> ``[B, T]`` (unmasked; aggregate with
-    ``aggregate_loss`` like the policy loss).
-
-    Schulman's estimators ("Approximating KL Divergence", 2020), with ``d = logprobs - ref_logprobs``:
-
-    * ``k1 = d``: unbiased, high variance, can be negative;
-    * ``k2 = d**2 / 2``: biased, low variance, non-negative;
-    * ``k3 = exp(-d) + d - 1``: unbiased, low variance, non-negative (GRPO's choice).
-    """
-    try:
-        fn = KL_ESTIMATORS[kind]
-    except KeyError:
-        raise ValueError(f"unknown KL estimator {kind!r}; expected one of {sorted(KL_ESTIMATORS)}") from None
-    if logprobs.shape != ref_logprobs.shape:
-        raise ValueError(
-            f"ref_logprobs shape {tuple(ref_logprobs.shape)} != logprobs shape {tuple(logprobs.shape)}"
-        )
-    return fn(logprobs, ref_logprobs)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ datamodule ask of each other in :mod:`lit_dash.contract`.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Sequence
@@ -27,7 +26,6 @@ from lit_dash.contract import RolloutData
 from lit_dash.data.batches import MicroBatch
 from lit_dash.data.buffer import Rollout
 from lit_dash.data.records import Problem
-from lit_dash.engines.base import Engine
 from lit_dash.errors import ConfigError
 from lit_dash.eval_hooks import EvalHooks
 from lit_dash.evaluation import EvalResult, shard
@@ -38,6 +36,7 @@ from lit_dash.step_metrics import rollout_weights, step_metrics
 from lit_dash.training import distributed, optim, parity, policy, update
 from lit_dash.training.optim import NonFiniteLossError
 from lit_dash.training.parity import EngineParityError, default_parity_threshold  # their old import path
+from lit_dash.training.parity_hooks import ParityHooks
 from lit_dash.training.policy import PolicyModels
 from lit_dash.training.update import UpdateSpec, budget_problems
 from lit_dash.world_metrics import world_values
@@ -45,7 +44,7 @@ from lit_dash.world_metrics import world_values
 __all__ = ["DashModule", "EngineParityError", "NonFiniteLossError", "default_parity_threshold"]
 
 
-class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
+class DashModule(PolicyModels, ParityHooks, EvalHooks, CheckpointHooks):
     """GRPO-family policy optimisation with DASH's one-step-per-rollout update.
 
     Args:
@@ -57,7 +56,15 @@ class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
         max_grad_norm: clip the gradient to this norm, the norm of the whole model's gradient over all ranks
             (FSDP: all shards together); null disables. train/grad_norm logs the norm before clipping.
         kl_coef: weight of the KL penalty to the frozen initial model; 0 loads no reference model.
-        kl_estimator: k1, k2 or k3 (per token).
+        kl_estimator: per-token KL to the reference (:func:`lit_dash.losses.kl_penalty`): k3 (GRPO's;
+            its gradient is that of KL(ref || pi)), k3+ (k3's value, the gradient of KL(pi || ref)) or k2
+            (the same gradient, a biased value); k1 is refused with kl_coef > 0 (zero expected gradient).
+        kl_clamp: bound each token's KL value to +-kl_clamp (verl: 10); null (default): unbounded.
+        kl_over: kept (the KL term on the completions filtering kept, as the paper's DASH: dropped rows
+            cost no forward pass; divided by the sampled denominators, its weight is kl_coef x kept /
+            sampled, none on a uniform group) or sampled (on every sampled completion, as TRL and verl: the
+            dropped ones run forward and backward too, with advantage 0; needs normalize_over: rollout).
+            Logged as train/kl_effective_coef.
         loss_agg: constant (Dr. GRPO / the paper: sum / (completions x max_new_tokens)),
             token_mean (DAPO) or seq_mean (GRPO).
         normalize_over: which completions the loss's denominators count (completions, tokens or
@@ -71,6 +78,11 @@ class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
         clip_eps_low: PPO ratio clip below 1 (only binds off-policy: multi / mini).
         clip_eps_high: PPO ratio clip above 1 (DAPO clip-higher when larger than clip_eps_low).
+        log_ratio_clamp: multi / mini: the log-ratio log pi - log pi_old is clamped to +-this before exp
+            (verl's 20), so no ratio overflows; null: off.
+        clip_ratio_c: multi / mini: the dual clip, a negative-advantage token's loss at most
+            -A x clip_ratio_c (verl's 3; logged as train/dual_clip_fraction); null: off. Neither bound
+            can bind on-policy (update: dash), where the ratio is exactly 1.
         update: dash (one optimizer step per rollout), multi (ppo_epochs passes over the rollout, one step
             each) or mini (ppo_mini_batches optimizer steps, each on a slice of the rollout).
         ppo_epochs: passes for update=multi.
@@ -130,11 +142,15 @@ class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
         max_grad_norm: float | None = 1.0,
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
+        kl_clamp: float | None = None,
+        kl_over: str = "kept",
         loss_agg: str = "constant",
         normalize_over: str = "rollout",
         scale_rewards: bool = True,
         clip_eps_low: float = 0.2,
         clip_eps_high: float = 0.2,
+        log_ratio_clamp: float | None = 20.0,
+        clip_ratio_c: float | None = 3.0,
         update: str = "dash",
         ppo_epochs: int = 1,
         ppo_mini_batches: int = 1,
@@ -204,6 +220,11 @@ class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
     def rollout_slices(self) -> int:
         """Slices the rollout buffer cuts the kept completions into: one per optimizer step in mini mode."""
         return self.update_spec.rollout_slices
+
+    @property
+    def trains_dropped_rows(self) -> bool:
+        """The buffer micro-batches the dropped completions too, at advantage 0 (kl_over: sampled)."""
+        return self.update_spec.trains_dropped_rows
 
     @property
     def model_cache(self) -> str | None:
@@ -374,6 +395,8 @@ class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
         weight = self.normalizer_weight(counts, sampled)
         world = self.trainer.world_size
         totals = update.zero_totals(spec)
+        if spec.kl_coef > 0:  # the KL's weight against a loss over every sampled completion
+            totals["kl_effective_coef"] = spec.kl_coef * weight
         # the completions the loss is divided over (x max_new_tokens in constant mode)
         over_rollout = sampled is not None and spec.normalize_over == "rollout"
         totals["loss_denominator_completions"] = sampled[0] if over_rollout else counts["global_seqs"]
@@ -433,55 +456,6 @@ class DashModule(PolicyModels, EvalHooks, CheckpointHooks):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=1)
         self.log("kept", metrics["train/kept_fraction"], prog_bar=True, logger=False, batch_size=1)
-
-    # ---- the parity guard (lit_dash.training.parity) --------------------------------------------------
-
-    @property
-    def last_engine_gap(self) -> dict[str, float] | None:
-        """The last step's parity figures (mean, max, tokens), or None when the engine gave no log-probs."""
-        return self._parity.last_gap
-
-    def _probe_gap(self, rollout: Rollout) -> parity.GapParts:
-        """The parity gap of a step that kept nothing, on the rollout's probe micro-batch of dropped
-        completions: one forward without backward, so the guard also watches steps that train on nothing
-        (a stale engine's samples may be exactly the ones filtering drops)."""
-        probe = rollout.parity_probe
-        if probe is None or probe.engine_logprobs is None:
-            return 0.0, 0.0, 0.0
-        start = time.perf_counter()
-        gap = parity.micro_batch_gaps([probe], {0: self._logprobs_of(self.policy, probe)}, self.device)
-        self._add_time("ref_old_logprobs", time.perf_counter() - start)
-        return gap
-
-    def _engine(self) -> Engine | None:
-        """The datamodule's engine: None outside a Trainer (or before the engine starts)."""
-        return self.data.engine if self._trainer is not None and self.trainer.datamodule is not None else None
-
-    def parity_threshold(self, rollout: Rollout | None = None) -> float:
-        """model.parity_threshold, or the default for this trainer precision, the engine's dtype and the
-        rollout's sampling (:func:`lit_dash.training.parity.threshold_for`)."""
-        engine = self._engine()
-        dtype = engine.dtype if engine is not None else None
-        return parity.threshold_for(self.hparams.parity_threshold, self._compute_dtype(), dtype, rollout)
-
-    def _check_parity(self, gap_sum: float, gap_max: float, gap_tokens: float, rollout: Rollout) -> dict:
-        """The step's engine/trainer log-prob gap over all ranks (logged), and the guard on it."""
-        gap_sum, gap_tokens = self._reduce_over_ranks([gap_sum, gap_tokens], "sum")
-        (gap_max,) = self._reduce_over_ranks([gap_max], "max")
-        threshold = self.parity_threshold(rollout) if gap_tokens else 0.0
-        message = functools.partial(self._parity_message, rollout=rollout)
-        return self._parity.check(
-            (gap_sum, gap_max, gap_tokens), self.hparams.parity_check, threshold, message
-        )
-
-    def _parity_message(
-        self, mean: float, gap_max: float, tokens: float, threshold: float, rollout: Rollout
-    ) -> str:
-        engine, is_set = self._engine(), self.hparams.parity_threshold is not None
-        dtype, precision = engine.dtype if engine is not None else "unknown", self._compute_dtype()
-        return parity.parity_message(
-            self.global_step, mean, gap_max, tokens, threshold, is_set, rollout, precision, dtype
-        )
 
     def evaluate(self) -> list[EvalResult]:
         """Greedy evaluation on every eval set of the datamodule (used by the evaluation callback)."""

@@ -57,6 +57,15 @@ def _train(source: str, path) -> str:
         ),
         ({"filter_threshold": -0.1}, r"filter_threshold must be >= 0 or null \(no filtering\), got -0.1"),
         ({"max_prompt_tokens": 0}, "max_prompt_tokens and eval_max_new_tokens must be >= 1 tokens"),
+        ({"truncated": "drop"}, r"truncated must be one of \('keep', 'mask', 'penalty'\), got 'drop'"),
+        (
+            {"overlong_buffer_tokens": 32},
+            r"overlong_buffer_tokens \(32\) is the buffer of truncated: penalty",
+        ),
+        (
+            {"truncated": "penalty", "overlong_buffer_tokens": 129},
+            r"overlong_buffer_tokens must be 1..sampling.max_new_tokens \(128\) tokens, got 129",
+        ),
         (
             {"engine": EngineConfig(max_model_len=100), "max_prompt_tokens": 64},
             r"engine.max_model_len \(100 tokens\) is smaller than max_prompt_tokens \+ "

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_dash.data.buffer import RewardError, RolloutBuffer, pad_micro_batch
+from lit_dash.advantages import group_advantages, overlong_penalty
+from lit_dash.data.buffer import RewardError, RolloutBuffer, pad_micro_batch, slice_rows
 from lit_dash.data.records import Problem
 from lit_dash.engines import SamplingConfig
+from lit_dash.engines.base import Completion
 
 PROBLEMS = [Problem(question=f"What is {i} + 1?", answer=str(i + 1), source_id=f"t:{i}") for i in range(4)]
 PROMPTS = [p.question for p in PROBLEMS]
@@ -156,17 +158,24 @@ def test_exactly_the_rows_above_the_threshold_reach_the_micro_batches(
     assert rollout.sampled_tokens == sum(len(c.token_ids) for c in rollout.completions)
 
 
-def test_slices_cut_the_kept_rows_into_equal_length_sorted_parts(tiny_engine):
-    """update=mini: S slices of the kept rows whose sizes differ by at most one, each in micro-batches."""
+def test_slice_rows_by_hand():
+    """Contiguous runs in the order given, sizes differing by at most one, empty runs when rows are few."""
+    assert slice_rows([0, 1, 2, 3, 4, 5, 6], 3) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert slice_rows([9, 2, 7, 4], 2) == [[9, 2], [7, 4]]  # the order given, never sorted
+    assert slice_rows([5, 8], 4) == [[], [5], [], [8]]
+    assert slice_rows([], 2) == [[], []]
+
+
+def test_slices_are_runs_of_the_kept_rows_in_rollout_order(tiny_engine):
+    """update=mini: S slices of the kept rows in rollout order (never by length), sizes differing by at
+    most one, each in micro-batches."""
     rollout = _buffer(tiny_engine, filter_threshold=None, slices=6).collect(PROBLEMS, PROMPTS, parity_reward)
     assert rollout.slice_sizes == [1] * 6  # 16 rows -> 2, 3, 3, 2, 3, 3 rows; each fits one micro-batch of 3
-    assert [mb.num_completions for mb in rollout.micro_batches] == [2, 3, 3, 2, 3, 3]
-    assert sorted(r for mb in rollout.micro_batches for r in mb.rows) == list(range(16))
-    lengths = [mb.attention_mask.sum(dim=1).tolist() for mb in rollout.micro_batches]
-    flat = [n for part in lengths for n in part]
-    assert flat == sorted(flat), "slices are contiguous runs of the length-sorted rows"
+    per_slice = [sorted(mb.rows) for mb in rollout.micro_batches]
+    assert per_slice == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9], [10, 11, 12], [13, 14, 15]]
     two = _buffer(tiny_engine, filter_threshold=None, slices=2).collect(PROBLEMS, PROMPTS, parity_reward)
     assert two.slice_sizes == [3, 3]  # 8 rows per slice, micro-batches of at most 3
+    assert sorted(r for mb in two.micro_batches[:3] for r in mb.rows) == list(range(8))
     few = _buffer(tiny_engine, filter_threshold=0.1, slices=6).collect(
         PROBLEMS, PROMPTS, lambda c, p: [0.0, 0.0, 0.0, 1.0] + [0.0] * (len(c) - 4)
     )
@@ -265,3 +274,111 @@ def test_the_math_rewards_timeouts_and_restarts_are_the_steps_own(tiny_engine, m
     warm_up_reward_workers()
     stats = buffer.collect(PROBLEMS, PROMPTS, parity_reward).stats()  # a step without the math reward
     assert (stats["reward_timeouts"], stats["reward_worker_restarts"]) == (0.0, 0.0)  # per step
+
+
+# ---- truncated completions (data.truncated) -------------------------------------------------------------
+
+# two groups of G = 4, max_new_tokens 10: lengths and rewards by hand, "T" = cut off at 10 tokens
+HAND_LENGTHS = [3, 10, 7, 10, 4, 4, 8, 2]
+HAND_TRUNCATED = [False, True, False, True, False, False, False, False]
+HAND_REWARDS = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # group 1 is uniform: all right
+
+
+def _hand_rollout(truncated: str = "keep", lengths=HAND_LENGTHS, **kw):
+    completions = [
+        Completion(prompt_index=i // 4, text="x", token_ids=[5] * n, logprobs=[], truncated=cut)
+        for i, (n, cut) in enumerate(zip(lengths, HAND_TRUNCATED, strict=True))
+    ]
+    buffer = RolloutBuffer(
+        engine=None,  # assemble scores nothing and samples nothing: the rewards are given
+        sampling=SamplingConfig(max_new_tokens=10),
+        group_size=4,
+        micro_batch_size=8,
+        truncated=truncated,
+        **kw,
+    )
+    problems = PROBLEMS[:2]
+    return buffer.assemble(problems, [[1, 2], [1, 3]], completions, None, rewards=torch.tensor(HAND_REWARDS))
+
+
+def test_overlong_penalty_by_hand():
+    # L = 10, buffer 4: 0 up to 6 tokens, then -1/4 per token to -1 at 10
+    lengths = torch.tensor([0, 6, 7, 8, 10])
+    assert overlong_penalty(lengths, 10, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert overlong_penalty(lengths, 10, 10).tolist() == pytest.approx([0.0, -0.6, -0.7, -0.8, -1.0])
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="overlong buffer must be 1..max_new_tokens"):
+            overlong_penalty(lengths, 10, bad)
+
+
+def test_truncated_keep_trains_on_cut_off_completions():
+    rollout = _hand_rollout("keep")
+    # group 0: [1, 0, 1, 0], mean .5, unbiased std .57735: A = +-.866; group 1 uniform: dropped
+    assert rollout.kept.tolist() == [True] * 4 + [False] * 4
+    assert rollout.advantages[:4].tolist() == pytest.approx([0.8659, -0.8659, 0.8659, -0.8659], abs=1e-4)
+    assert rollout.sampled_completions == 8 and rollout.sampled_tokens == 48
+    assert rollout.stats()["truncated_fraction"] == 0.25
+
+
+def test_truncated_mask_leaves_cut_off_completions_out_of_the_loss_and_its_denominators():
+    keep, mask = _hand_rollout("keep"), _hand_rollout("mask")
+    assert mask.kept.tolist() == [True, False, True, False] + [False] * 4
+    assert sorted(r for mb in mask.micro_batches for r in mb.rows) == [0, 2]
+    # the cut-off rows still count in their group's mean and std (as TRL's): the advantages are keep's
+    assert torch.equal(mask.advantages, keep.advantages)
+    assert mask.sampled_completions == 6 and mask.sampled_tokens == 48 - 20
+    assert mask.counted_completions == 6.0
+
+
+def test_truncated_penalty_shapes_the_rewards_before_advantages():
+    rollout = _hand_rollout("penalty", overlong_buffer_tokens=5)
+    # L = 10, buffer 5: penalties 0, -1, -.4, -1 | 0, 0, -.6, 0
+    penalties = [0.0, -1.0, -0.4, -1.0, 0.0, 0.0, -0.6, 0.0]
+    assert rollout.overlong_penalties.tolist() == pytest.approx(penalties)
+    assert rollout.rewards.tolist() == HAND_REWARDS  # the rewards (and accuracy) stay the answers' own
+    shaped = torch.tensor(HAND_REWARDS) + torch.tensor(penalties)
+    torch.testing.assert_close(rollout.advantages, group_advantages(shaped, 4))
+    # group 1, [1, 1, .4, 1]: mean .85, std .3, so the 8-token answer gets -.45 / .3001
+    assert float(rollout.advantages[6]) == pytest.approx(-0.45 / 0.3001, rel=1e-4)
+    assert rollout.kept.all()  # group 1 is no longer uniform
+    assert rollout.stats()["overlong_penalty_mean"] == pytest.approx(-3.0 / 8)
+    # the default buffer, 10 / 5 = 2 tokens: only the cut-off completions are penalised
+    assert _hand_rollout("penalty").overlong_penalties.tolist() == [0.0, -1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_bad_truncated_settings_are_refused():
+    with pytest.raises(ValueError, match="truncated must be one of"):
+        _hand_rollout("drop")
+    with pytest.raises(ValueError, match="overlong_buffer_tokens must be 1..10"):
+        _hand_rollout("penalty", overlong_buffer_tokens=11)
+
+
+def test_train_dropped_micro_batches_the_dropped_completions_at_advantage_zero():
+    """model.kl_over: sampled: group 1 (uniform, dropped) is trained for its KL term, at advantage 0."""
+    plain, both = _hand_rollout(), _hand_rollout(train_dropped=True)
+    assert torch.equal(both.kept, plain.kept) and torch.equal(both.advantages, plain.advantages)
+    assert sorted(r for mb in plain.micro_batches for r in mb.rows) == [0, 1, 2, 3]
+    rows = {r: float(mb.advantages[i]) for mb in both.micro_batches for i, r in enumerate(mb.rows)}
+    assert sorted(rows) == list(range(8))
+    assert [rows[r] for r in range(8)] == [float(a) for a in plain.advantages[:4]] + [0.0] * 4
+
+
+def test_kept_completions_without_tokens_leave_nothing_to_train():
+    """Completions of zero tokens are never kept: a step whose kept rows were all empty is the explicit
+    no-op step (no micro-batch), not a 0 / 0 loss the non-finite guard has to catch."""
+    empty_winners = [0, 10, 0, 10, 4, 4, 8, 2]  # group 0's right answers have no tokens
+    rollout = _hand_rollout(lengths=empty_winners)
+    assert rollout.kept.tolist() == [False, True, False, True] + [False] * 4
+    all_empty = _hand_rollout(lengths=[0] * 8)
+    assert not all_empty.kept.any() and all_empty.micro_batches == [] and all_empty.slice_sizes == [0]
+    assert _hand_rollout().kept[:4].all()  # the control: with tokens, group 0 is kept
+
+
+def test_mini_slices_follow_the_rollout_not_the_lengths():
+    """Two slices of the hand rollout's 8 completions (lengths 3, 10, 7, 10 | 4, 4, 8, 2): prompt 0's group,
+    then prompt 1's. Cut by length (as the buffer once did), slice 0 would be the four shortest."""
+    rollout = _hand_rollout(filter_threshold=None, slices=2)
+    assert rollout.slice_sizes == [1, 1]
+    assert [sorted(mb.rows) for mb in rollout.micro_batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    by_length = slice_rows(sorted(range(8), key=lambda r: HAND_LENGTHS[r]), 2)
+    assert [sorted(part) for part in by_length] == [[0, 4, 5, 7], [1, 2, 3, 6]]  # the control differs

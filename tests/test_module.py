@@ -121,6 +121,11 @@ def test_reference_model_is_loaded_only_with_kl():
         ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
         ({"normalize_over": "all"}, "normalize_over must be one of"),
         ({"max_rollouts": 0}, "max_rollouts must be >= 1"),
+        ({"kl_coef": 0.04, "kl_estimator": "k1"}, "k1 with kl_coef > 0 penalises nothing"),
+        ({"kl_estimator": "k4"}, "kl_estimator must be one of"),
+        ({"log_ratio_clamp": 0.0}, "log_ratio_clamp must be > 0"),
+        ({"clip_ratio_c": 1.0}, "clip_ratio_c must be > 1"),
+        ({"kl_clamp": -1.0}, "kl_clamp must be > 0"),
     ],
 )
 def test_bad_module_settings_fail_before_loading(kwargs, match):
@@ -367,6 +372,41 @@ def test_tis_off_changes_nothing(fp32_module):
     for name, g in grads_a.items():
         assert torch.equal(grads_b[name], g)
     assert "tis_weight_mean" not in stats_b and stats_b["gap_tokens"] == 7.0  # the gap is still measured
+
+
+def test_the_ratio_bounds_change_nothing_on_policy_and_bind_on_a_stale_ratio(fp32_module):
+    """update dash (old log-probs None): the default log-ratio clamp and dual clip give the loss and the
+    gradients bit for bit as with both off. With old log-probs 2 nats below the current ones (ratio
+    e^2 = 7.4 > clip_ratio_c = 3), the negative-advantage row's loss is capped: the bounds now matter."""
+    bounded = DashModule(model="tiny-llama", precision="float32", update="mini", ppo_mini_batches=2)
+    unbounded = DashModule(
+        model="tiny-llama", precision="float32", update="mini", ppo_mini_batches=2,
+        log_ratio_clamp=None, clip_ratio_c=None,
+    )  # fmt: skip
+    bounded.policy = unbounded.policy = fp32_module.policy
+    mb = _hand_micro_batch(1.3)
+    stale = (bounded(mb)[0] - 2.0).detach()
+
+    def loss_and_grads(module, old):
+        module.policy.zero_grad(set_to_none=True)
+        loss, stats = module.micro_batch_loss(mb, module.step_counts([mb], max_new_tokens=8), old)
+        loss.backward()
+        return (
+            loss.detach(),
+            stats,
+            [p.grad.clone() for p in module.policy.parameters() if p.grad is not None],
+        )
+
+    on_b, stats_b, grads_b = loss_and_grads(bounded, None)
+    on_u, _, grads_u = loss_and_grads(unbounded, None)
+    assert torch.equal(on_b, on_u) and all(torch.equal(a, b) for a, b in zip(grads_b, grads_u, strict=True))
+    assert stats_b["dual_clip_fraction"] == 0.0
+    off_b, stats_stale, _ = loss_and_grads(bounded, stale)
+    off_u, _, _ = loss_and_grads(unbounded, stale)
+    # row 1 (A = -0.5, 4 tokens) of 7: capped at 0.5 x 3 = 1.5 per token instead of 0.5 x e^2 = 3.69
+    assert stats_stale["dual_clip_fraction"] == pytest.approx(4 / 7)
+    normalizer = 2 * 8  # two completions x max_new_tokens
+    assert float(off_u - off_b) == pytest.approx(4 * 0.5 * (math.exp(2.0) - 3.0) / normalizer, rel=1e-5)
 
 
 def test_tis_without_engine_logprobs_is_refused():

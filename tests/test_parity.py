@@ -120,6 +120,11 @@ def test_ppo_measures_the_gap_on_the_old_logprobs_and_tis_weights_are_one(tiny_e
     assert trainer.global_step == 4 and len(gaps.mean) == 2  # 2 optimizer steps per rollout
     assert all(g < 1e-4 for g in gaps.mean), gaps.mean
     assert float(trainer.callback_metrics["train/tis_weight_mean"]) == pytest.approx(1.0, abs=1e-3)
+    # the guard measured every slice the rollout's steps train, not the first alone
+    rollout = module.last_rollout
+    tokens = [float(mb.completion_mask.sum()) for mb in rollout.micro_batches]
+    first_slice = sum(tokens[: rollout.slice_sizes[0]])
+    assert module.last_engine_gap["tokens"] == sum(tokens) > first_slice
 
 
 def test_a_skipped_weight_sync_trips_the_guard(tiny_engine):

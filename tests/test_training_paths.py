@@ -1,5 +1,5 @@
 """Every training path in a short real fit (tiny model, the session's real vLLM engine, tiny.yaml's
-settings): KL with k1 / k2 / k3, update multi and mini, a constant reward, and filtering that leaves the
+settings): KL with k2 / k3 / k3+, update multi and mini, a constant reward, and filtering that leaves the
 gradient exactly as it was (normalize_over: rollout), with its negative control (kept)."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _fit(root, engine, module, *, max_steps=-1, callbacks=(), data_cls=RolloutDa
 # ---- KL -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("estimator", ["k2", "k3", "k3+"])
 def test_kl_is_zero_at_the_reference_and_grows_as_the_policy_departs(tmp_path, engine, estimator):
     module = ParityRewardModule(
         model="tiny-llama", lr=5e-3, kl_coef=0.1, kl_estimator=estimator, precision="float32", seed=0
@@ -76,10 +76,39 @@ def test_kl_is_zero_at_the_reference_and_grows_as_the_policy_departs(tmp_path, e
     print(f"[kl {estimator}] per step: {kl}")
     assert len(kl) == 3 and trainer.callback_metrics["train/kl"] == pytest.approx(kl[-1])
     assert kl[0] == 0.0, "before its first update the policy is the reference"
-    if estimator == "k1":  # unbiased but signed per sample
-        assert kl[1] != 0.0 and kl[2] != 0.0
+    assert all(k >= 0 for k in kl) and kl[1] > 1e-6 and kl[2] > 1e-6
+
+
+@pytest.mark.parametrize("kl_over", ["kept", "sampled"])
+def test_kl_over_names_the_completions_the_kl_term_covers(tmp_path, engine, kl_over):
+    """kl_over kept: only the kept completions are micro-batched, and over the sampled denominators
+    the KL weighs kl_coef x kept / sampled; sampled: the dropped ones are trained too, at advantage 0,
+    and the KL weighs kl_coef."""
+    module = ParityRewardModule(
+        model="tiny-llama", lr=5e-3, kl_coef=0.1, kl_over=kl_over, precision="float32", seed=0
+    )
+    trainer = _fit(tmp_path, engine, module, max_steps=1, filter_threshold=0.1)
+    rollout = module.last_rollout
+    kept, sampled = rollout.num_kept, rollout.sampled_completions
+    assert 0 < kept < sampled == 16, "the test needs a rollout that drops some completions"
+    trained = sorted(r for mb in rollout.micro_batches for r in mb.rows)
+    coef = float(trainer.callback_metrics["train/kl_effective_coef"])
+    kept_rows = rollout.kept.nonzero().flatten().tolist()
+    if kl_over == "kept":
+        assert trained == kept_rows
+        assert coef == pytest.approx(0.1 * kept / sampled)
     else:
-        assert all(k >= 0 for k in kl) and kl[1] > 1e-6 and kl[2] > 1e-6
+        assert trained == list(range(16))
+        assert coef == pytest.approx(0.1)
+        for mb in rollout.micro_batches:
+            for i, row in enumerate(mb.rows):
+                expected = float(rollout.advantages[row]) if row in kept_rows else 0.0
+                assert float(mb.advantages[i]) == expected
+
+
+def test_kl_over_sampled_needs_the_sampled_denominators():
+    with pytest.raises(ValueError, match="use normalize_over: rollout with kl_over: sampled"):
+        DashModule(model="tiny-llama", kl_coef=0.1, kl_over="sampled", normalize_over="kept")
 
 
 # ---- update: multi ----------------------------------------------------------------------------------------

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lit_dash.advantages import group_advantages, keep_mask, zero_variance_groups
+from lit_dash.advantages import group_advantages, keep_mask, overlong_penalty, zero_variance_groups
 from lit_dash.data.batches import MicroBatch, completion_length, pack_rows, pad_completions, pad_micro_batch
 from lit_dash.data.records import Problem
+from lit_dash.data.rollout import Rollout
 from lit_dash.engines.base import Completion, Engine, SamplingConfig
 from lit_dash.rewards.math import RewardEvents, reward_events
 from lit_dash.rewards.scoring import RewardError, check_rewards, score_completions
@@ -49,124 +50,29 @@ __all__ = [
     "RewardError",
     "check_rewards",
     "pad_micro_batch",
+    "slice_rows",
     "ROLLOUT_MODES",
+    "TRUNCATED_MODES",
 ]
 
 ROLLOUT_MODES = ("preemptive", "per_micro_batch")
+TRUNCATED_MODES = ("keep", "mask", "penalty")
 RewardFn = Callable[[list[str], list[Problem]], Sequence[float]]
 # DAPO refill: given a number of prompts, the next problems of the refill stream and their prompt texts
 RefillFn = Callable[[int], tuple[list[Problem], list[str]]]
 
 
-@dataclass
-class Rollout:
-    """One optimizer step's worth of on-policy data and its statistics."""
+def slice_rows(rows: list[int], slices: int) -> list[list[int]]:
+    """``slices`` contiguous runs of ``rows`` in the order given (the rollout's: prompts as the shuffled
+    stream drew them, each prompt's G completions together), sizes differing by at most one; a run is
+    empty when there are fewer rows than slices. update=mini trains one run per optimizer step.
 
-    problems: list[Problem]
-    prompt_token_ids: list[list[int]]
-    completions: list[Completion]
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    kept: torch.Tensor
-    micro_batches: list[MicroBatch]
-    group_size: int
-    max_new_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-    engine_calls: int = 1
-    slice_sizes: list[int] | None = None  # micro-batches per slice, in order; None: one slice of all
-    temperature: float = 1.0  # the sampling temperature (its micro-batches carry it too)
-    top_k: int = -1  # the sampling's truncation: the engine's log-probs are renormalised over what it kept
-    top_p: float = 1.0
-    # when filtering kept nothing: one micro-batch of dropped completions, for the engine parity check only
-    parity_probe: MicroBatch | None = None
-    # dynamic sampling (DAPO): extra engine calls, prompts they sampled, and the first call's mean reward
-    refill_engine_calls: int = 0
-    refill_prompts: int = 0
-    first_call_reward_mean: float | None = None
-    # prompt skipping: problems of the step's batch that were predicted uniform and not sampled
-    skipped_problems: list[Problem] = field(default_factory=list)
-    # the math reward's own events in this step's reward calls (see lit_dash.rewards.reward_events)
-    reward_timeouts: int = 0  # completions scored 0 because their comparison ran out of time or memory
-    reward_worker_restarts: int = 0  # verifier processes replaced (killed on a hard timeout, or died)
-
-    def __post_init__(self) -> None:
-        if self.slice_sizes is None:
-            self.slice_sizes = [len(self.micro_batches)]
-
-    @property
-    def truncated_sampling(self) -> bool:
-        """True when top-k or top-p shaped the sampling (the parity gap then holds the removed mass)."""
-        return self.top_k > 0 or self.top_p < 1.0
-
-    @property
-    def num_kept(self) -> int:
-        return int(self.kept.sum())
-
-    @property
-    def sampled_completions(self) -> int:
-        """Completions sampled for this step before filtering (with at least one token): what the loss's
-        denominators count with ``normalize_over: rollout``."""
-        return sum(1 for c in self.completions if c.token_ids)
-
-    @property
-    def sampled_tokens(self) -> int:
-        """Completion tokens of every completion sampled for this step, before filtering."""
-        return sum(len(c.token_ids) for c in self.completions)
-
-    @property
-    def skipped_prompts(self) -> int:
-        return len(self.skipped_problems)
-
-    @property
-    def skipped_completions(self) -> int:
-        """Completions not generated because their prompts were skipped (G per skipped prompt)."""
-        return self.skipped_prompts * self.group_size
-
-    @property
-    def counted_completions(self) -> float:
-        """What ``normalize_over: rollout`` divides by: the sampled completions, and G zero-advantage ones
-        per skipped prompt (so a correctly skipped uniform group leaves the update as it was)."""
-        return float(self.sampled_completions + self.skipped_completions)
-
-    @property
-    def counted_tokens(self) -> float:
-        """The token denominator (``loss_agg: token_mean``) over the same completions: a skipped completion
-        counts at the mean length of this rollout's sampled ones (an estimate: its length is unknown)."""
-        mean = self.sampled_tokens / self.sampled_completions if self.sampled_completions else 0.0
-        return self.sampled_tokens + self.skipped_completions * mean
-
-    def stats(self) -> dict[str, float]:
-        """Scalars for the logger: units in the names (completions, tokens, groups)."""
-        lengths = torch.tensor([len(c.token_ids) for c in self.completions], dtype=torch.float32)
-        zero_var = zero_variance_groups(self.rewards, self.group_size)
-        padded = sum(mb.input_ids.numel() for mb in self.micro_batches)
-        real = sum(mb.num_tokens for mb in self.micro_batches)
-        kept_adv = self.advantages[self.kept]
-        return {
-            "reward_mean": float(self.rewards.mean()),
-            "kept_fraction": self.num_kept / len(self.completions),
-            "kept_completions": float(self.num_kept),
-            "abs_advantage_mean": float(kept_adv.abs().mean()) if len(kept_adv) else 0.0,
-            "zero_variance_group_fraction": float(zero_var.float().mean()),
-            "completion_tokens_mean": float(lengths.mean()),
-            "completion_tokens_max": float(lengths.max()),
-            "truncated_fraction": sum(c.truncated for c in self.completions) / len(self.completions),
-            "padding_fraction": 1.0 - real / padded if padded else 0.0,
-            "micro_batches": float(len(self.micro_batches)),
-            "engine_calls": float(self.engine_calls),
-            "refill_engine_calls": float(self.refill_engine_calls),
-            "refill_prompts": float(self.refill_prompts),
-            "sampled_completions": float(len(self.completions)),
-            "skipped_prompts": float(self.skipped_prompts),
-            "skipped_completions": float(self.skipped_completions),
-            "reward_timeouts": float(self.reward_timeouts),
-            "reward_worker_restarts": float(self.reward_worker_restarts),
-            # the policy's reward on prompts it did not choose: the first engine call's groups, before
-            # dynamic sampling swapped any out (reward_mean is over the groups trained on)
-            "first_call_reward_mean": float(
-                self.rewards.mean() if self.first_call_reward_mean is None else self.first_call_reward_mean
-            ),
-        }
+    Never by length: length goes with reward (long and truncated completions are mostly wrong), so
+    length-sorted slices would give the late steps mostly negative advantages (verl splits in rollout
+    order too). The order is deterministic, so a resumed run cuts the same slices.
+    """
+    n = len(rows)
+    return [rows[k * n // slices : (k + 1) * n // slices] for k in range(slices)]
 
 
 @dataclass
@@ -190,6 +96,16 @@ class RolloutBuffer:
             each on at most P fresh prompts, to replace groups that keep nothing; 0 turns it off.
         reward_timeout_warn_fraction: warn (once) when more than this fraction of the completions the math
             reward judged in one step timed out: 5% of rewards that may be wrong is past noise.
+        truncated: what becomes of a completion the engine cut off at ``max_new_tokens``: ``keep``
+            (trained on with its reward, usually 0: pushed down as if wrong), ``mask`` (out of the loss and
+            its denominators, as TRL's mask_truncated_completions; its reward still counts in its group's
+            mean and std) or ``penalty`` (DAPO's soft overlong penalty on every completion's reward, see
+            :func:`lit_dash.advantages.overlong_penalty`).
+        train_dropped: also cut the completions filtering dropped into micro-batches, with advantage 0,
+            so the loss's KL term covers every sampled completion (``model.kl_over: sampled``); ``kept``
+            and the statistics stay the filter's.
+        overlong_buffer_tokens: ``penalty``'s buffer (tokens before ``max_new_tokens`` where the penalty
+            starts); None: a fifth of ``max_new_tokens`` (DAPO's 4,096 of 20,480).
 
     ``collect``'s ``skip`` (prompt skipping) and dynamic sampling do not combine (the datamodule refuses
     both together): refilling tops a rollout up to P sampled groups, skipping leaves it smaller on purpose.
@@ -207,6 +123,9 @@ class RolloutBuffer:
     slices: int = 1
     dynamic_sampling_calls: int = 0
     reward_timeout_warn_fraction: float = 0.05
+    truncated: str = "keep"
+    overlong_buffer_tokens: int | None = None
+    train_dropped: bool = False
     warned_reward_timeouts: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -216,6 +135,41 @@ class RolloutBuffer:
             raise ValueError(f"slices must be >= 1, got {self.slices}")
         if self.dynamic_sampling_calls < 0:
             raise ValueError(f"dynamic_sampling_calls must be >= 0, got {self.dynamic_sampling_calls}")
+        if self.truncated not in TRUNCATED_MODES:
+            raise ValueError(f"truncated must be one of {TRUNCATED_MODES}, got {self.truncated!r}")
+        self.overlong_buffer()  # a bad buffer fails here
+
+    def overlong_buffer(self) -> int:
+        """The penalty's buffer in tokens (``overlong_buffer_tokens``, or a fifth of max_new_tokens)."""
+        max_new = self.sampling.max_new_tokens
+        buffer = self.overlong_buffer_tokens or max(1, max_new // 5)
+        if not 1 <= buffer <= max_new:
+            raise ValueError(f"overlong_buffer_tokens must be 1..{max_new} (max_new_tokens), got {buffer}")
+        return buffer
+
+    def _shaped(
+        self, rewards: torch.Tensor, completions: list[Completion]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the rewards the advantages are computed from, the kept mask, the overlong penalties or None):
+        ``data.truncated`` applied to the rewards and to the filter."""
+        penalties = None
+        if self.truncated == "penalty":
+            lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=rewards.dtype)
+            penalties = overlong_penalty(lengths, self.sampling.max_new_tokens, self.overlong_buffer())
+            rewards = rewards + penalties
+        if self.filter_threshold is None:
+            kept = torch.ones_like(rewards, dtype=torch.bool)
+        else:
+            kept = keep_mask(rewards, self.group_size, self.filter_threshold)
+        return rewards, kept & self._trainable(completions), penalties
+
+    def _trainable(self, completions: list[Completion]) -> torch.Tensor:
+        """[B] bool: the completions a loss can hold: at least one token (an empty one adds nothing to any
+        sum, and a step of only empty ones would divide 0 by 0), and not cut off under truncated: mask."""
+        return torch.tensor(
+            [bool(c.token_ids) and not (self.truncated == "mask" and c.truncated) for c in completions],
+            dtype=torch.bool,
+        )
 
     def _generate(self, prompts: list[str]) -> tuple[list[list[int]], list[Completion], int]:
         if self.rollout_mode == "preemptive":
@@ -294,12 +248,12 @@ class RolloutBuffer:
             return self.assemble(problems, prompt_ids, completions, reward_fn, timings, calls)
         return self._refilled(problems, prompt_ids, completions, reward_fn, timings, calls, refill)
 
-    def _informative_groups(self, rewards: torch.Tensor) -> torch.Tensor:
+    def _informative_groups(self, rewards: torch.Tensor, completions: list[Completion]) -> torch.Tensor:
         """[groups] bool: the group has at least one completion the filter keeps (a non-constant group
-        when filtering is off)."""
+        when filtering is off), after ``data.truncated``."""
+        shaped, kept, _ = self._shaped(rewards, completions)
         if self.filter_threshold is None:
-            return ~zero_variance_groups(rewards, self.group_size)
-        kept = keep_mask(rewards, self.group_size, self.filter_threshold)
+            kept = kept & ~zero_variance_groups(shaped, self.group_size).repeat_interleave(self.group_size)
         return kept.view(-1, self.group_size).any(dim=1)
 
     def _score(
@@ -330,7 +284,7 @@ class RolloutBuffer:
             (problems[i], prompt_ids[i], completions[i * g : (i + 1) * g], rewards[i * g : (i + 1) * g])
             for i in range(p)
         ]
-        informative = self._informative_groups(rewards).tolist()
+        informative = self._informative_groups(rewards, completions).tolist()
         extra_calls = extra_prompts = 0
         while sum(informative) < p and extra_calls < self.dynamic_sampling_calls:
             rate = max(sum(informative) / len(informative), 1.0 / p)  # informative groups per prompt so far
@@ -351,7 +305,7 @@ class RolloutBuffer:
                 )
                 for i in range(len(new_problems))
             ]
-            informative += self._informative_groups(new_rewards).tolist()
+            informative += self._informative_groups(new_rewards, new_completions).tolist()
             extra_calls += new_calls
             extra_prompts += len(new_problems)
         chosen = [i for i, ok in enumerate(informative) if ok][:p]
@@ -399,15 +353,18 @@ class RolloutBuffer:
             timings["reward"] = time.perf_counter() - t1
         t2 = time.perf_counter()
 
-        advantages = group_advantages(rewards, self.group_size, scale_by_std=self.scale_rewards)
-        if self.filter_threshold is None:
-            kept = torch.ones_like(rewards, dtype=torch.bool)
-        else:
-            kept = keep_mask(rewards, self.group_size, self.filter_threshold)
+        shaped, kept, penalties = self._shaped(rewards, completions)
+        advantages = group_advantages(shaped, self.group_size, scale_by_std=self.scale_rewards)
         rows = [i for i in range(len(completions)) if kept[i]]
-        micro_batches, slice_sizes = self._sliced_micro_batches(rows, prompt_ids, completions, advantages)
+        trained, loss_advantages = rows, advantages
+        if self.train_dropped:  # kl_over: sampled: the dropped rows' KL, at advantage 0
+            trained = [i for i, ok in enumerate(self._trainable(completions).tolist()) if ok]
+            loss_advantages = torch.where(kept, advantages, torch.zeros_like(advantages))
+        micro_batches, slice_sizes = self._sliced_micro_batches(
+            trained, prompt_ids, completions, loss_advantages
+        )
         probe = None
-        if not rows and completions:  # nothing to train on; the trainer still checks the engine on these
+        if not trained and completions:  # nothing to train on; the trainer still checks the engine on these
             probe_rows = list(range(min(self.micro_batch_size, len(completions))))
             probe = self._micro_batches(probe_rows, prompt_ids, completions, advantages)[0]
         timings["filtering"] = time.perf_counter() - t2
@@ -428,6 +385,8 @@ class RolloutBuffer:
             top_k=self.sampling.top_k,
             top_p=self.sampling.top_p,
             parity_probe=probe,
+            masked_truncated=self.truncated == "mask",
+            overlong_penalties=penalties,
         )
 
     def _sliced_micro_batches(
@@ -437,23 +396,14 @@ class RolloutBuffer:
         completions: list[Completion],
         advantages: torch.Tensor,
     ) -> tuple[list[MicroBatch], list[int]]:
-        """``slices`` contiguous runs of the length-sorted kept rows, sizes differing by at most one (a
-        slice is empty when fewer rows than slices were kept), each cut into micro-batches; returns all
-        micro-batches in slice order and how many each slice has."""
-        if self.slices == 1:
-            micro_batches = self._micro_batches(rows, prompt_ids, completions, advantages)
-            return micro_batches, [len(micro_batches)]
-        length = {r: completion_length(r, prompt_ids, completions) for r in rows}
-        ordered = sorted(rows, key=lambda r: length[r])
-        n, s = len(ordered), self.slices
+        """The kept rows cut into ``slices`` parts (:func:`slice_rows`, rollout order), each cut into
+        micro-batches; returns all micro-batches in slice order and how many each slice has."""
         micro_batches: list[MicroBatch] = []
         sizes = []
-        for k in range(s):
-            part = self._micro_batches(
-                ordered[k * n // s : (k + 1) * n // s], prompt_ids, completions, advantages
-            )
-            micro_batches += part
-            sizes.append(len(part))
+        for part in slice_rows(rows, self.slices):
+            cut = self._micro_batches(part, prompt_ids, completions, advantages)
+            micro_batches += cut
+            sizes.append(len(cut))
         return micro_batches, sizes
 
     def _micro_batches(

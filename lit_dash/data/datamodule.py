@@ -65,6 +65,12 @@ class RolloutDataModule(DataKnobs, L.LightningDataModule):
             (``{history: 2, explore: 0.2}``; see data.skipping); the loss counts each skipped prompt as G
             zero-advantage completions. null (default): off. Not with dynamic_sampling_calls.
         rollout_mode: preemptive (DASH: one engine call per step) or per_micro_batch (standard GRPO).
+        truncated: completions cut off at sampling.max_new_tokens: keep (trained on with their reward,
+            as in the paper), mask (left out of the loss and its denominators; TRL's
+            mask_truncated_completions) or penalty (DAPO's soft overlong penalty on the reward: 0 up to
+            max_new_tokens - overlong_buffer_tokens, then down to -1 at max_new_tokens). Logged:
+            train/truncated_fraction, and train/overlong_penalty_mean with penalty.
+        overlong_buffer_tokens: penalty only: the buffer in tokens; null: max_new_tokens / 5.
         sampling: temperature, top_p, top_k, max_new_tokens (tokens per completion).
         max_prompt_tokens: prompts longer than this (in tokens) are skipped with a warning.
         engine: the rollout engine's settings.
@@ -92,6 +98,8 @@ class RolloutDataModule(DataKnobs, L.LightningDataModule):
         dynamic_sampling_calls: int = 0,
         prompt_skipping: PromptSkipping | None = None,
         rollout_mode: str = "preemptive",
+        truncated: str = "keep",
+        overlong_buffer_tokens: int | None = None,
         sampling: SamplingConfig | None = None,
         max_prompt_tokens: int = 256,
         engine: EngineConfig | None = None,
@@ -115,6 +123,8 @@ class RolloutDataModule(DataKnobs, L.LightningDataModule):
         self.dynamic_sampling_calls = dynamic_sampling_calls
         self.prompt_skipping = prompt_skipping
         self.rollout_mode = rollout_mode
+        self.truncated = truncated
+        self.overlong_buffer_tokens = overlong_buffer_tokens
         self.sampling = sampling or SamplingConfig(temperature=1.0, max_new_tokens=128)
         self.max_prompt_tokens = max_prompt_tokens
         self.engine_config = engine or EngineConfig()
@@ -179,7 +189,10 @@ class RolloutDataModule(DataKnobs, L.LightningDataModule):
                 scale_rewards=policy.scale_rewards if policy is not None else True,
                 pad_token_id=self.engine.tokenizer.pad_token_id or 0,
                 slices=policy.rollout_slices if policy is not None else 1,
+                train_dropped=policy.trains_dropped_rows if policy is not None else False,
                 dynamic_sampling_calls=self.dynamic_sampling_calls,
+                truncated=self.truncated,
+                overlong_buffer_tokens=self.overlong_buffer_tokens,
             )
 
     def _calibrate_prompts_per_rollout(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, is_dataclass
 
-from lit_dash.data.buffer import ROLLOUT_MODES
+from lit_dash.data.buffer import ROLLOUT_MODES, TRUNCATED_MODES
 from lit_dash.data.formatting import PROMPT_STYLES
 from lit_dash.data.records import Problem
 from lit_dash.data.sources import DataError, load_problems
@@ -87,6 +87,8 @@ _SCALAR_KNOBS = (
     "filter_threshold",
     "dynamic_sampling_calls",
     "rollout_mode",
+    "truncated",
+    "overlong_buffer_tokens",
     "max_prompt_tokens",
     "eval_max_new_tokens",
     "eval_batch_size",
@@ -167,6 +169,19 @@ class DataKnobs:
                     "prompt_skipping and dynamic_sampling_calls do not combine (dynamic sampling refills a "
                     "rollout to P sampled groups, skipping keeps it smaller on purpose): set one, "
                     "prompt_skipping: null or dynamic_sampling_calls: 0"
+                )
+        if self.truncated not in TRUNCATED_MODES:
+            problems.append(f"truncated must be one of {TRUNCATED_MODES}, got {self.truncated!r}")
+        if self.overlong_buffer_tokens is not None:
+            if self.truncated != "penalty":
+                problems.append(
+                    f"overlong_buffer_tokens ({self.overlong_buffer_tokens}) is the buffer of truncated: "
+                    f"penalty, and truncated is {self.truncated!r}: set truncated: penalty or leave it null"
+                )
+            elif not 1 <= self.overlong_buffer_tokens <= self.sampling.max_new_tokens:
+                problems.append(
+                    f"overlong_buffer_tokens must be 1..sampling.max_new_tokens "
+                    f"({self.sampling.max_new_tokens}) tokens, got {self.overlong_buffer_tokens}"
                 )
         if self.max_prompt_tokens < 1 or self.eval_max_new_tokens < 1:
             problems.append(

@@ -20,6 +20,7 @@ from lit_dash.errors import ConfigError, RunStopped
 
 UPDATE_MODES = ("dash", "multi", "mini")
 NORMALIZE_OVER = ("rollout", "kept")
+KL_OVER = ("kept", "sampled")
 GAP_KEYS = ("gap_sum", "gap_max", "gap_tokens")  # the on-policy parity gap's share in a micro-batch's stats
 
 
@@ -37,6 +38,10 @@ class UpdateSpec:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     tis_cap: float | None = None
+    log_ratio_clamp: float | None = 20.0
+    clip_ratio_c: float | None = 3.0
+    kl_clamp: float | None = None
+    kl_over: str = "kept"
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> UpdateSpec:
@@ -62,12 +67,39 @@ class UpdateSpec:
             errors.append("ppo_epochs and ppo_mini_batches must be >= 1")
         if self.tis_cap is not None and not self.tis_cap > 0:
             errors.append(f"tis_cap must be > 0 (a ratio cap, e.g. 2.0) or null (no TIS), got {self.tis_cap}")
+        if self.kl_coef > 0 and self.kl_estimator == "k1":
+            errors.append(
+                "kl_estimator k1 with kl_coef > 0 penalises nothing: used as a loss, k1 = log pi - log ref "
+                "has zero expected gradient (E_pi[grad log pi] = 0), only noise; use k3+ or k2 (gradient of "
+                "KL(pi || ref)) or k3 (gradient of KL(ref || pi))"
+            )
+        if self.kl_over not in KL_OVER:
+            errors.append(f"kl_over must be one of {KL_OVER}, got {self.kl_over!r}")
+        elif self.kl_over == "sampled" and self.normalize_over == "kept":
+            errors.append(
+                "kl_over: sampled puts the dropped completions' KL in the loss, whose denominators "
+                "normalize_over: kept leaves them out of: use normalize_over: rollout with kl_over: sampled"
+            )
+        if self.log_ratio_clamp is not None and not self.log_ratio_clamp > 0:
+            errors.append(f"log_ratio_clamp must be > 0 (nats, e.g. 20) or null, got {self.log_ratio_clamp}")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            errors.append(
+                f"clip_ratio_c must be > 1 (the dual clip, e.g. 3) or null, got {self.clip_ratio_c}"
+            )
+        if self.kl_clamp is not None and not self.kl_clamp > 0:
+            errors.append(f"kl_clamp must be > 0 (per-token KL, e.g. 10) or null, got {self.kl_clamp}")
         return errors
 
     @property
     def steps_per_rollout(self) -> int:
         """Optimizer steps every rollout takes (skipped ones included): 1, ppo_epochs or ppo_mini_batches."""
         return {"dash": 1, "multi": self.ppo_epochs, "mini": self.ppo_mini_batches}[self.update]
+
+    @property
+    def trains_dropped_rows(self) -> bool:
+        """The buffer also cuts the completions filtering dropped into micro-batches, with advantage 0:
+        their KL term is trained (kl_over: sampled, with kl_coef > 0)."""
+        return self.kl_over == "sampled" and self.kl_coef > 0
 
     @property
     def rollout_slices(self) -> int:
@@ -146,8 +178,12 @@ def normalizer_weight(
 def zero_totals(spec: UpdateSpec) -> dict[str, float]:
     """A step's logged sums before any micro-batch adds to them (the same keys whether it trains or not)."""
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+    if spec.update != "dash" and spec.clip_ratio_c is not None:  # on-policy the ratio is 1: it never binds
+        totals["dual_clip_fraction"] = 0.0
     if spec.tis_cap is not None:
         totals["tis_weight_mean"] = 0.0
+    if spec.kl_coef > 0:  # set by the step (the module's _accumulate), not summed over micro-batches
+        totals["kl_effective_coef"] = 0.0
     return totals
 
 
@@ -181,8 +217,16 @@ def micro_batch_loss(
     """
     device = logprobs.device
     mask = mb.completion_mask.to(device)
-    per_token, clip_frac = losses.policy_loss(
-        logprobs, old_logprobs, mb.advantages.to(device), mask, spec.clip_eps_low, spec.clip_eps_high
+    per_token, clip_frac, dual_frac = losses.policy_loss(
+        logprobs,
+        old_logprobs,
+        mb.advantages.to(device),
+        mask,
+        spec.clip_eps_low,
+        spec.clip_eps_high,
+        log_ratio_clamp=spec.log_ratio_clamp,
+        clip_ratio_c=spec.clip_ratio_c,
+        return_dual_clip_fraction=True,
     )
     share = float(mask.sum()) / max(counts["global_tokens"], 1.0)
     stats = {
@@ -190,6 +234,8 @@ def micro_batch_loss(
         "entropy": float((entropy * mask).sum()) / max(counts["global_tokens"], 1.0),
         "kl": 0.0,
     }
+    if "dual_clip_fraction" in zero_totals(spec):
+        stats["dual_clip_fraction"] = float(dual_frac) * share
     engine_lp = mb.engine_logprobs.to(device) if mb.engine_logprobs is not None else None
     if old_logprobs is None and engine_lp is not None:
         gap_sum, gap_max, gap_tokens = losses.logprob_gap(logprobs, engine_lp, mask)
@@ -205,7 +251,7 @@ def micro_batch_loss(
         per_token = per_token * weights
         stats["tis_weight_mean"] = float((weights * mask).sum()) / max(counts["global_tokens"], 1.0)
     if spec.kl_coef > 0:
-        kl = losses.kl_penalty(logprobs, ref_logprobs, spec.kl_estimator)
+        kl = losses.kl_penalty(logprobs, ref_logprobs, spec.kl_estimator, spec.kl_clamp)
         per_token = per_token + spec.kl_coef * kl
         stats["kl"] = float((kl.detach() * mask).sum()) / max(counts["global_tokens"], 1.0)
     loss = losses.aggregate_loss(per_token, mask, spec.loss_agg, **counts)
