@@ -51,6 +51,13 @@ def test_paper_recipe_trains_what_it_says(name, monkeypatch):
     assert model.steps_per_rollout == steps_per_rollout and model.update_mode == update
     assert (hp.ppo_epochs, hp.ppo_mini_batches) == {"dash": (1, 1), "multi": (3, 1), "mini": (1, 32)}[update]
     assert hp.kl_coef == kl and hp.kl_estimator == "k3"
+    # the paper's code filters before the reference's forward pass: the KL covers the kept completions
+    assert hp.kl_over == "kept" and data.truncated == "keep"  # and cut-off answers are trained on as 0
+    assert (hp.log_ratio_clamp, hp.clip_ratio_c, hp.kl_clamp) == (
+        20.0,
+        3.0,
+        None,
+    )  # verl's bounds, no KL clamp
     assert (hp.lr, hp.lr_schedule, hp.warmup_steps, hp.max_grad_norm) == (3e-6, "linear", 0, 1.0)
     assert (hp.loss_agg, hp.normalize_over, hp.scale_rewards) == ("constant", "rollout", True)
     assert hp.model == "Qwen/Qwen2.5-0.5B"
