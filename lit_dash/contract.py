@@ -45,6 +45,8 @@ class RolloutPolicy(Protocol):
 
     def model_path(self) -> str: ...  # the local folder the engine loads
 
+    def skipping_problems(self) -> list[str]: ...  # the module's knobs that data.prompt_skipping refuses
+
     def apply_rollout_budget(self) -> None: ...  # model.max_rollouts as trainer.max_steps
 
 

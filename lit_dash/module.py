@@ -71,8 +71,8 @@ class DashModule(PolicyModels, ParityHooks, EvalHooks, CheckpointHooks):
             sequences, by loss_agg): rollout (every completion sampled for the step, before filtering: a
             dropped completion weighs as a kept one with zero advantage, so at kl_coef 0 dropping
             zero-advantage completions leaves the gradient exactly as it was; a prompt skipped by
-            data.prompt_skipping counts as G such completions, exactly with loss_agg constant or seq_mean,
-            at the rollout's mean sampled length with token_mean) or kept (only those that
+            data.prompt_skipping counts as G such completions, exactly with loss_agg constant or seq_mean;
+            token_mean is refused with skipping, as their tokens are unknown) or kept (only those that
             survived filtering: the gradient grows by sampled / kept). In update=mini each step's slice
             counts 1/ppo_mini_batches of the rollout's sampled completions (rollout) or its own (kept).
         scale_rewards: divide advantages by the group's std (GRPO) or not (Dr. GRPO).
@@ -238,6 +238,10 @@ class DashModule(PolicyModels, ParityHooks, EvalHooks, CheckpointHooks):
     def data(self) -> RolloutData:
         """The Trainer's datamodule, as the module uses it (:class:`lit_dash.contract.RolloutData`)."""
         return self.trainer.datamodule
+
+    def skipping_problems(self) -> list[str]:
+        """What in the update's knobs cannot work with ``data.prompt_skipping`` (the datamodule asks)."""
+        return self.update_spec.skipping_problems()
 
     def model_path(self) -> str:
         if self._resolved is None:

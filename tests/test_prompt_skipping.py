@@ -116,6 +116,28 @@ def test_fit_refuses_a_bad_skipping_knob_before_any_engine_or_model(tmp_path, mo
     assert "prompt_skipping.explore must be a probability in [0, 1], got -0.1" in str(found)
 
 
+def test_token_mean_over_the_rollout_is_refused_with_skipping(tmp_path, monkeypatch):
+    """A skipped prompt's tokens are unknown: loss_agg token_mean over the rollout's tokens is refused
+    before any engine or model loads; the control (constant, the default) passes that check."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an engine or model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(datamodule_module, "build_engine", refuse)
+    monkeypatch.setattr(DashModule, "configure_model", refuse)
+    skip = ["--data.prompt_skipping", '{"history": 2, "explore": 0.2}']
+    flags = ["fit", "--config", "tests/configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)]
+    flags += ["--trainer.callbacks", "[]", *skip]
+    with pytest.raises(ConfigError, match="token_mean with normalize_over: rollout divides by every"):
+        build_cli([*flags, "--model.init_args.loss_agg", "token_mean"])
+    with pytest.raises(AssertionError, match="an engine or model was loaded"):  # past the check
+        build_cli(flags)
+    with pytest.raises(AssertionError, match="an engine or model was loaded"):  # kept: nothing estimated
+        build_cli(
+            [*flags, "--model.init_args.loss_agg", "token_mean", "--model.init_args.normalize_over", "kept"]
+        )
+
+
 def test_the_skip_tags_have_world_reductions():
     for tag in ("skipped_prompts", "skipped_completions", "sampled_completions"):
         assert TRAIN_REDUCTIONS[f"train/{tag}"] == "sum"

@@ -24,6 +24,7 @@ from lit_dash.data.records import Problem
 from lit_dash.data.skipping import PromptSkipping, SkipHistory
 from lit_dash.data.sources import DataError, read_jsonl
 from lit_dash.engines import Engine, SamplingConfig, build_engine
+from lit_dash.errors import ConfigError
 from lit_dash.evaluation import EvalSamples, Evaluator
 
 __all__ = ["EngineConfig", "ProblemSource", "PromptStream", "RolloutDataModule"]  # the old import paths
@@ -156,6 +157,8 @@ class RolloutDataModule(DataKnobs, L.LightningDataModule):
             self.check_model_context(policy.model_name, policy.model_cache)
         if stage == "fit" and policy is not None:
             policy.apply_rollout_budget()  # a budget conflict fails here, before the engine starts
+            if self.prompt_skipping is not None and policy.skipping_problems():
+                raise ConfigError("data.prompt_skipping: " + "; ".join(policy.skipping_problems()))
         if stage == "predict":
             self._predict_problems()  # a missing or malformed prompt file fails before the engine starts
         if stage == "fit" and not self.train_problems:

@@ -99,7 +99,8 @@ class Rollout:
     @property
     def counted_tokens(self) -> float:
         """The token denominator (``loss_agg: token_mean``) over the same completions: a skipped completion
-        counts at the mean length of this rollout's sampled ones (an estimate: its length is unknown)."""
+        counts at the mean length of this rollout's sampled ones (an estimate: its length is unknown, and
+        biased; the module refuses token_mean with normalize_over: rollout and prompt skipping)."""
         mean = self.sampled_tokens / self.sampled_completions if self.sampled_completions else 0.0
         return self.sampled_tokens + self.skipped_completions * mean
 

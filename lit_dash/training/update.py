@@ -95,6 +95,18 @@ class UpdateSpec:
         """Optimizer steps every rollout takes (skipped ones included): 1, ppo_epochs or ppo_mini_batches."""
         return {"dash": 1, "multi": self.ppo_epochs, "mini": self.ppo_mini_batches}[self.update]
 
+    def skipping_problems(self) -> list[str]:
+        """What is wrong with these knobs beside ``data.prompt_skipping``, if anything."""
+        if self.loss_agg == "token_mean" and self.normalize_over == "rollout":
+            return [
+                "loss_agg: token_mean with normalize_over: rollout divides by every sampled token, and a "
+                "skipped prompt's completions are never sampled: their tokens could only be guessed (at "
+                "the rollout's mean length, a biased guess, as uniform all-wrong groups run long). Use "
+                "loss_agg: constant or seq_mean (they count completions: exact), normalize_over: kept, or "
+                "data.prompt_skipping: null"
+            ]
+        return []
+
     @property
     def trains_dropped_rows(self) -> bool:
         """The buffer also cuts the completions filtering dropped into micro-batches, with advantage 0:
