@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
-.PHONY: setup demo test lint bench compare
+.PHONY: setup demo test test-fast lint bench compare
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,9 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+test-fast: setup  # the tier to iterate with: no fit, CLI run, subprocess or 135M model (tests/tiers.py)
+	.venv/bin/python -m pytest -q -m "not slow"
 
 lint: setup
 	.venv/bin/ruff check lit_dash tests benchmarks

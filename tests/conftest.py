@@ -68,3 +68,12 @@ def tiny_engine_prefix_cached(tiny_model_path):
 def smollm2_engine(smollm2_path):
     """The session's float32 vLLM engine on the real SmolLM2-135M-Instruct."""
     return _engine(smollm2_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tiers (tests/tiers.py): ``engine`` and ``slow``, from what it uses."""
+    from tiers import tiers_of
+
+    for item in items:
+        for tier in tiers_of(item):
+            item.add_marker(getattr(pytest.mark, tier))

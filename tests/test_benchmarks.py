@@ -15,7 +15,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.engine
 def test_dash_vs_grpo_reports_table_plot_and_ratio(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "benchmarks/dash_vs_grpo.py", "--model", "tiny-llama", "--settings", "grpo,dash"]
@@ -96,7 +95,6 @@ def test_prompt_skipping_benchmark_reads_runs_and_finds_the_time_to_the_target(t
 PHASES = ("generation", "forward+backward", "forward+backward MFU", "weight sync", "checkpoint")
 
 
-@pytest.mark.engine
 def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
     """Two settings of the demo's step on the tiny model: every phase has a positive, finite ratio to its
     limit, the bare loop trained exactly lit_dash's tokens, MFU is a fraction of the measured peak, and

@@ -50,7 +50,6 @@ def test_auto_is_a_knob_and_other_words_are_refused():
         )
 
 
-@pytest.mark.engine
 def test_measure_times_one_call_per_size_on_the_real_engine(tiny_engine):
     prompts = [f"Question {i}: what is {i} + 1?" for i in range(4)]
     points = measure(

@@ -12,8 +12,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import pytest
-
 from lit_dash import console
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +48,6 @@ def _fit(root: Path, *extra: str, verbose: bool = False) -> str:
     return proc.stdout
 
 
-@pytest.mark.engine
 def test_a_fit_prints_only_what_a_user_needs(tmp_path):
     output = _fit(tmp_path / "quiet")
     assert rejected(output) == []

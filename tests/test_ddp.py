@@ -65,7 +65,6 @@ def _lit_dash(tmp_path: Path, subcommand: str, *args: str, name: str) -> None:
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
-@pytest.mark.engine
 def test_two_ranks_stay_in_step_when_one_keeps_nothing(tmp_path):
     _lit_dash(
         tmp_path,
@@ -246,7 +245,6 @@ def _largest_entry(a: dict[str, torch.Tensor]) -> float:
     return max(float(t.abs().max()) for t in a.values())
 
 
-@pytest.mark.engine
 def test_a_rollout_no_rank_keeps_anything_of_is_a_no_op_step_everywhere(ddp_run):
     from lit_dash.logs import read_scalars
 
@@ -262,7 +260,6 @@ def test_a_rollout_no_rank_keeps_anything_of_is_a_no_op_step_everywhere(ddp_run)
     assert _largest_difference(after_second, initial) > 1e-5
 
 
-@pytest.mark.engine
 def test_a_ddp_step_is_the_one_process_step_on_the_union_of_the_rollouts(ddp_run, replays):
     (union_weights, union), (rank0_weights, rank0) = replays
     ddp_weights = torch.load(ddp_run / f"dump.step{STEPS}.weights.pt")
@@ -286,7 +283,6 @@ def test_a_ddp_step_is_the_one_process_step_on_the_union_of_the_rollouts(ddp_run
     assert control > 20 * WEIGHT_ATOL
 
 
-@pytest.mark.engine
 def test_logged_train_scalars_are_the_worlds(ddp_run, replays):
     from lit_dash.logs import read_scalars
 
@@ -346,7 +342,6 @@ def _same_records(ddp: list[dict], one: list[dict]) -> None:
     assert [r["reward"] for r in ddp] == [r["reward"] for r in one]
 
 
-@pytest.mark.engine
 def test_evaluation_on_two_ranks_scores_each_problem_once(tmp_path, ddp_run, tiny_engine):
     from tiny_reward import AnswerParityModule, ParityRewardModule
 

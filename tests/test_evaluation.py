@@ -64,7 +64,6 @@ def test_evaluator_on_the_real_engine_writes_scored_jsonl(tiny_engine, tmp_path)
     assert again.accuracy == result.accuracy and again.mean_completion_tokens == result.mean_completion_tokens
 
 
-@pytest.mark.slow
 def test_real_smollm2_on_gsm8k_slice_through_vllm(smollm2_engine, tmp_path):
     """The real 135M model, real GSM8K rows, real vLLM, greedy: the evaluation path a user runs."""
     from _paths import SHARED_DATA

@@ -96,7 +96,6 @@ def _short_demo(root: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_plain_vllm_on_the_final_checkpoint_agrees_with_lit_dash(tmp_path):
     from lit_dash.callbacks import MathEvaluation, RewardAudit
     from lit_dash.cli import build_cli

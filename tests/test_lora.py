@@ -136,7 +136,6 @@ def test_the_push_is_the_hand_merged_weight_of_the_adapted_modules_only():
     assert (by_hand - w).abs().max() > 1e-3, "negative control: the adapter changes the weight"
 
 
-@pytest.mark.engine
 @pytest.mark.parametrize("targets", [list(lora.DEFAULT_TARGETS), ["q_proj", "v_proj"]])
 def test_the_engine_samples_from_base_plus_adapter(tiny_engine, tiny_model_path, targets):
     """fp32 trainer + fp32 engine, adapters non-zero from the start and trained for 2 steps: the gap stays
@@ -221,7 +220,6 @@ def _fit_with(engine, module, callbacks, steps: int, root, ckpt_path=None) -> L.
     )
 
 
-@pytest.mark.engine
 def test_a_checkpoint_holds_the_adapters_alone_and_resumes_them_exactly(
     tiny_engine, tiny_model_path, tmp_path
 ):
@@ -289,7 +287,6 @@ def test_a_checkpoint_holds_the_adapters_alone_and_resumes_them_exactly(
         restore_engine_weights(tiny_engine, tiny_model_path)
 
 
-@pytest.mark.engine
 def test_the_export_is_a_plain_merged_model_the_engine_serves(tiny_engine, tiny_model_path, tmp_path):
     module = RandomAdapter(model="tiny-llama", lora=SPEC, precision="float32")
     module.configure_model()
@@ -322,7 +319,6 @@ def test_the_export_is_a_plain_merged_model_the_engine_serves(tiny_engine, tiny_
         restore_engine_weights(tiny_engine, tiny_model_path)
 
 
-@pytest.mark.engine
 def test_two_ddp_ranks_train_the_same_adapters(tmp_path):
     """A real 2-rank ``lit_dash.cli fit`` (gloo) with LoRA, rank 1 keeping nothing: both ranks hold the
     same adapters after every step, the adapters move, and the checkpoint holds the adapters alone."""

@@ -32,7 +32,6 @@ def test_committed_notebooks_carry_no_outputs(path):
             )
 
 
-@pytest.mark.engine
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_and_saves_its_figures(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient

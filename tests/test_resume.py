@@ -241,7 +241,6 @@ def state_differences(a: dict, b: dict) -> list[str]:
     return diffs
 
 
-@pytest.mark.engine
 def test_last_is_a_link_to_the_one_file_kept_and_the_reference_model_is_not_in_it(runs):
     assert runs["reference_listing"] == {"epoch=0-step=4.ckpt": "file", "last.ckpt": "-> epoch=0-step=4.ckpt"}
     final = runs["reference_final"]
@@ -259,7 +258,6 @@ def test_last_is_a_link_to_the_one_file_kept_and_the_reference_model_is_not_in_i
     )
 
 
-@pytest.mark.engine
 def test_sigkill_between_the_step_file_and_last_resumes_from_the_step_file(runs):
     assert runs["after_sigkill_after_write"] == {"epoch=0-step=2.ckpt": "file"}, "no last.ckpt yet"
     assert "--ckpt_path last: resuming from" in runs["sigterm_log"]
@@ -267,7 +265,6 @@ def test_sigkill_between_the_step_file_and_last_resumes_from_the_step_file(runs)
     assert [r["step"] for r in runs["prompts"]["b"]] == [3], "continued from step 2, not from step 0"
 
 
-@pytest.mark.engine
 def test_sigterm_exits_143_with_last_at_the_finished_step(runs):
     assert runs["sigterm_rc"] == 128 + signal.SIGTERM, runs["sigterm_log"][-3000:]
     assert "stopped by SIGTERM at a step boundary" in runs["sigterm_log"]
@@ -280,7 +277,6 @@ def test_sigterm_exits_143_with_last_at_the_finished_step(runs):
     }
 
 
-@pytest.mark.engine
 def test_sigkill_mid_write_leaves_the_previous_checkpoint_and_resume_goes_on_from_it(runs):
     assert runs["after_sigkill_mid_write"] == {
         "<partial>.epoch=0-step=4.ckpt": "file",  # the interrupted write, under its temporary name
@@ -303,7 +299,6 @@ def test_sigkill_mid_write_leaves_the_previous_checkpoint_and_resume_goes_on_fro
     }
 
 
-@pytest.mark.engine
 def test_the_stopped_and_resumed_run_trains_on_the_uninterrupted_prompts_and_samples(runs):
     steps = {tag: [r["step"] for r in records] for tag, records in runs["prompts"].items()}
     assert steps == {"a": [1, 2], "b": [3], "c": [4], "d": [4]}  # c's step 4 died in its checkpoint write
@@ -315,7 +310,6 @@ def test_the_stopped_and_resumed_run_trains_on_the_uninterrupted_prompts_and_sam
     assert [r["completions_sha"] for r in resumed] == [r["completions_sha"] for r in expected]
 
 
-@pytest.mark.engine
 def test_the_resumed_run_ends_with_the_uninterrupted_state_bit_for_bit(runs):
     reference, final = runs["reference_final"], runs["final"]
     assert state_differences(reference, final) == []
@@ -330,7 +324,6 @@ def test_the_resumed_run_ends_with_the_uninterrupted_state_bit_for_bit(runs):
     assert state_differences(reference, nudged) == ["adamw state[3].exp_avg_sq"]
 
 
-@pytest.mark.engine
 def test_the_engine_serves_the_resumed_weights_from_its_first_rollout(runs):
     (record,) = runs["probe"]
     assert record["step"] == 3
@@ -372,7 +365,6 @@ def background_run(runs, tmp_path_factory) -> dict:
     return out
 
 
-@pytest.mark.engine
 def test_background_checkpoint_writes_resume_exactly(runs, background_run):
     assert background_run["after_kill"] == {"epoch=0-step=2.ckpt": "file"}, "no last.ckpt yet"
     assert "resuming from" in background_run["log"]

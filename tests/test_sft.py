@@ -101,7 +101,6 @@ def test_sft_demo_is_the_demo_with_other_classes(monkeypatch):
     assert sft.seed_everything == rl.seed_everything
 
 
-@pytest.mark.engine
 def test_two_step_sft_fit_through_the_cli(tmp_path):
     cli = build_cli(["fit", "--config", TINY_SFT, "--trainer.default_root_dir", str(tmp_path)])
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule

@@ -14,7 +14,6 @@ from lit_dash.logs import find_log_dir, read_hparams, read_scalars, read_texts, 
 TINY = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
 
-@pytest.mark.engine
 def test_event_files_hold_grouped_scalars_samples_and_hparams(tmp_path):
     cli = build_cli(
         [
