@@ -93,6 +93,11 @@ class DashModule(PolicyModels, ParityHooks, EvalHooks, CheckpointHooks):
             ppo_mini_batches) and the linear LR schedule's length; null leaves trainer.max_steps in charge.
         precision: auto (bf16 autocast where the hardware has native bf16, else fp32), bfloat16 or float32.
             Weights stay fp32 (master weights) either way.
+        bf16_dither: move weights that lie exactly on the bf16 grid (a model stored in bf16) to a seeded
+            random place inside their bf16 cells at load, so bf16 copies (autocast, a bf16 engine) follow
+            updates smaller than a bf16 step on average instead of all stalling (see
+            lit_dash/training/bf16_cells.py); their bf16 values are unchanged. null (default): when the
+            trainer or the engine computes in bf16; false: never.
         gradient_checkpointing: trade compute for activation memory.
         answer_fallback: the default reward also accepts the last number of a completion with no
             ``\\boxed{}`` answer (off in the paper's recipes; on in the demo, for a 135M model that rarely boxes).
@@ -156,6 +161,7 @@ class DashModule(PolicyModels, ParityHooks, EvalHooks, CheckpointHooks):
         ppo_mini_batches: int = 1,
         max_rollouts: int | None = None,
         precision: str = "auto",
+        bf16_dither: bool | None = None,
         gradient_checkpointing: bool = False,
         answer_fallback: bool = False,
         require_final_form: bool = True,

@@ -50,15 +50,26 @@ def test_auto_is_a_knob_and_other_words_are_refused():
         )
 
 
-def test_measure_times_one_call_per_size_on_the_real_engine(tiny_engine):
+def test_measure_times_one_call_per_size_on_the_real_engine(tiny_engine, monkeypatch):
+    """One untimed warm-up call, then one call per size, each of fixed-length completions (8 tokens,
+    the end-of-sequence token ignored), so tokens per second compare across sizes."""
+    calls = []
+    generate = tiny_engine.generate
+
+    def counted(prompts, n, sampling, **kw):
+        result = generate(prompts, n, sampling, **kw)
+        calls.append((len(prompts), n, sorted({len(c.token_ids) for c in result.completions})))
+        return result
+
+    monkeypatch.setattr(tiny_engine, "generate", counted)
     prompts = [f"Question {i}: what is {i} + 1?" for i in range(4)]
     points = measure(
         tiny_engine, prompts, 4, [1, 2, 4], SamplingConfig(temperature=1.0), tokens_per_completion=8
     )
+    assert calls == [(1, 1, [8]), (1, 4, [8]), (2, 4, [8]), (4, 4, [8])]
     assert sorted(points) == [1, 2, 4]
-    assert [p.completions for p in points.values()] == [4, 8, 16]
-    assert all(p.tokens_per_s > 0 for p in points.values())
-    assert pick_prompt_count(points) in points
+    assert [(p.completions, p.tokens_per_completion) for p in points.values()] == [(4, 8), (8, 8), (16, 8)]
+    assert all(p.seconds > 0 for p in points.values())
 
 
 def test_auto_parses_through_the_cli():

@@ -159,8 +159,11 @@ def test_predict_and_test_subcommands_through_the_cli(fitted, tmp_path):
     assert "reward" not in rows[1] and rows[1]["completion_tokens"] > 0
 
     run = build_cli(["test", "--config", str(config), "--ckpt_path", last, *hf])
-    assert 0.0 <= float(run.trainer.callback_metrics["test/arithmetic/accuracy"]) <= 1.0
-    assert list((Path(run.trainer.log_dir) / "eval").glob("arithmetic_test_step*.jsonl"))
+    (scored,) = (Path(run.trainer.log_dir) / "eval").glob("arithmetic_test_step*.jsonl")
+    rewards = [json.loads(x)["reward"] for x in scored.read_text().splitlines()]
+    assert len(rewards) == len(cli.datamodule.evaluators["arithmetic"].problems)
+    accuracy = float(run.trainer.callback_metrics["test/arithmetic/accuracy"])
+    assert accuracy == pytest.approx(sum(rewards) / len(rewards))  # the logged figure is the rows' mean
 
 
 def test_independent_check_scores_the_export(fitted, tmp_path):

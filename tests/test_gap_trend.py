@@ -57,3 +57,20 @@ def test_the_history_survives_a_checkpoint():
     message = resumed.update(0.18, 0.01)
     assert message is not None and "0.0300, 0.1000, 0.1300, 0.1800" in message and "6.0x" in message
     assert GapTrend().update(0.18, 0.01) is None  # negative control: without the history, nothing
+
+
+def test_a_level_warning_repeats_only_when_the_gap_doubles():
+    """warn mode: the first gap over the threshold warns; the same or a smaller one again does not;
+    one past twice the last warned gap warns again (0.06, 0.07, 0.05, 0.13: warnings at 0.06 and 0.13)."""
+    import warnings
+
+    from lit_dash.training.parity import ParityGuard
+
+    guard = ParityGuard()
+    warned = []
+    for mean in (0.06, 0.07, 0.05, 0.13):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            guard.check((mean * 10, mean, 10.0), "warn", 0.05, lambda m, *_: f"gap {m:.2f}")
+        warned += [str(w.message).split(" (")[0] for w in caught if "gap" in str(w.message)]
+    assert warned == ["gap 0.06", "gap 0.13"]

@@ -103,7 +103,7 @@ def test_zero_variance_groups():
     # float noise well below the tolerance still counts as "all equal"; a real difference does not
     noisy = torch.tensor([0.3, 0.3 + 1e-8, 0.3 - 1e-8, 0.3, 0.3, 0.31], dtype=torch.float32)
     assert zero_variance_groups(noisy, 3).tolist() == [True, False]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"not a multiple of group_size \(3\)"):
         zero_variance_groups(rewards, 3)
 
 
@@ -284,11 +284,11 @@ def test_the_bounds_leave_on_policy_and_in_range_tokens_bit_identical():
 
 
 def test_policy_loss_shape_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"old_logprobs shape \(2, 4\) != logprobs shape \(2, 3\)"):
         policy_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"advantages \[B\]=3 but logprobs has B=2"):
         policy_loss(torch.zeros(2, 3), None, torch.zeros(3), torch.ones(2, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"mask shape \(2, 4\) does not match \(2, 3\)"):
         policy_loss(torch.zeros(2, 3), None, torch.zeros(2), torch.ones(2, 4))
 
 
@@ -431,7 +431,7 @@ def test_aggregate_modes_differ_and_validation():
     assert len(set(vals.values())) == 3
     with pytest.raises(ValueError, match="token_mean"):
         aggregate_loss(t(PAD_LOSS), t(PAD_MASK), "sum")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"mask shape \(4, 2\) does not match \(4, 3\)"):
         aggregate_loss(t(PAD_LOSS), t(PAD_MASK)[:, :2], "token_mean")
     # empty mask without global counts -> 0 (not nan)
     zeros = torch.zeros(2, 3, dtype=D)
@@ -549,7 +549,7 @@ def test_token_logprobs_matches_manual_and_chunks():
         out = token_logprobs(logits, ids, chunk_size=chunk)
         assert out.dtype == torch.float32
         assert_close(out, manual)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"token_ids shape \(5, 3\) does not match logits \[B, T\] \(5, 4\)"):
         token_logprobs(logits, ids[:, :3])
 
 

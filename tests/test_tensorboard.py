@@ -52,8 +52,11 @@ def test_event_files_hold_grouped_scalars_samples_and_hparams(tmp_path):
     assert [step for step, _ in scalars["audit/rewarded_fraction"]] == [0, 1]
     paid = [v for _, v in scalars["audit/rewarded_fraction"]]
     assert paid == pytest.approx([float(v) for _, v in scalars["train/reward_mean"]])
-    assert all(v == 0.0 for _, v in scalars.get("audit/unevaluated_fraction", []))
-    assert all(v == 0.0 for _, v in scalars.get("audit/restated_fraction", []))
+    # the shares of the paid completions: logged at exactly the steps that paid some, and zero there
+    paid_steps = [step for step, v in scalars["audit/rewarded_fraction"] if v > 0]
+    assert paid_steps, "the parity reward pays about half of random text: some step must have paid"
+    for tag in ("audit/unevaluated_fraction", "audit/restated_fraction"):
+        assert scalars.get(tag, []) == [(step, 0.0) for step in paid_steps], tag
     audit_texts = read_texts(log_dir, tag="audit/rewarded")
     assert len(audit_texts) == sum(v > 0 for v in paid)
     assert all("**verdict** no_answer" in t and "**reference**" in t for _, t in audit_texts)

@@ -46,7 +46,17 @@ class PerRollout(L.Callback):
         )
 
 
-def _fit(root, engine, module, *, max_steps=-1, callbacks=(), data_cls=RolloutDataModule, **data_kwargs):
+def _fit(
+    root,
+    engine,
+    module,
+    *,
+    max_steps=-1,
+    callbacks=(),
+    data_cls=RolloutDataModule,
+    ckpt_path=None,
+    **data_kwargs,
+):
     knobs = dict(  # tests/configs/tiny.yaml's data, with the session's engine
         train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=40),
         instruction="Answer in one line.",
@@ -59,7 +69,10 @@ def _fit(root, engine, module, *, max_steps=-1, callbacks=(), data_cls=RolloutDa
         engine=EngineConfig(kind="vllm", kv_cache_gib=0.5),
     )
     knobs.update(data_kwargs)
-    return fit(module, data_cls(**knobs), engine=engine, max_steps=max_steps, callbacks=callbacks, root=root)
+    data = data_cls(**knobs)
+    return fit(
+        module, data, engine=engine, max_steps=max_steps, callbacks=callbacks, root=root, ckpt_path=ckpt_path
+    )
 
 
 # ---- KL -------------------------------------------------------------------------------------------------
@@ -319,19 +332,23 @@ class OddAnswersOnly(DashModule):
 class RefillLog(L.Callback):
     def __init__(self) -> None:
         self.rows: list[tuple[int, int, int]] = []  # (informative groups, refill calls, refill prompts)
+        self.problems: list[list[str]] = []  # the source ids each rollout trained on, refills included
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         r = pl_module.last_rollout
         informative = int(r.kept.view(-1, r.group_size).any(dim=1).sum())
         self.rows.append((informative, r.refill_engine_calls, r.refill_prompts))
+        self.problems.append([p.source_id for p in r.problems])
 
 
 def test_dynamic_sampling_fills_each_rollout_or_stops_at_its_cap(tmp_path, engine):
     module = OddAnswersOnly(model="tiny-llama", precision="float32", seed=0)
     log = RefillLog()
+    every_two = StepCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     trainer = _fit(
-        tmp_path, engine, module, max_steps=3, callbacks=[log], filter_threshold=0.1, dynamic_sampling_calls=2
-    )
+        tmp_path, engine, module, max_steps=3, callbacks=[log, every_two], filter_threshold=0.1,
+        dynamic_sampling_calls=2,
+    )  # fmt: skip
     print(f"[dynamic sampling] per rollout (informative groups of 4, extra calls, extra prompts): {log.rows}")
     assert len(log.rows) == 3
     for informative, calls, _ in log.rows:
@@ -343,7 +360,13 @@ def test_dynamic_sampling_fills_each_rollout_or_stops_at_its_cap(tmp_path, engin
     assert data.state_dict()["refill_prompts_consumed"] == data.refill_prompts_consumed
     assert trainer.callback_metrics["train/refill_engine_calls"] == float(log.rows[-1][1])
     assert len(module.last_rollout.completions) == 16, "the rollout keeps its P x G size"
-    # resuming restores the refill stream's position: the next refill draws what the run would have drawn
-    fresh = RolloutDataModule(dynamic_sampling_calls=2)
-    fresh.load_state_dict(data.state_dict())
-    assert fresh.refill_prompts_consumed == data.refill_prompts_consumed
+    # resumed from the step-2 checkpoint, the third rollout refills from where the run's refill stream
+    # stood: the same problems, refills included, as the uninterrupted run's third rollout
+    assert log.rows[2][1] > 0, "the third rollout refills, so its problems test the refill stream"
+    resumed_log = RefillLog()
+    resumed = OddAnswersOnly(model="tiny-llama", precision="float32", seed=0)
+    _fit(
+        tmp_path / "resumed", engine, resumed, max_steps=3, callbacks=[resumed_log], filter_threshold=0.1,
+        dynamic_sampling_calls=2, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"),
+    )  # fmt: skip
+    assert resumed_log.problems == log.problems[2:] and resumed_log.rows == log.rows[2:]

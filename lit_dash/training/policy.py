@@ -20,6 +20,7 @@ from lit_dash import losses
 from lit_dash.data.batches import MicroBatch
 from lit_dash.hardware import resolve_dtype
 from lit_dash.lora import apply_lora, is_lora, merged_model, parameter_bytes
+from lit_dash.training.bf16_cells import dither_within_bf16_cells
 
 
 def autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
@@ -100,12 +101,17 @@ def chunk_problems(logprob_chunk_tokens: int | None) -> list[str]:
 
 
 def load_policy(
-    path: str, gradient_checkpointing: bool, lora: dict[str, Any] | None, with_reference: bool
+    path: str,
+    gradient_checkpointing: bool,
+    lora: dict[str, Any] | None,
+    with_reference: bool,
+    dither_seed: int | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trainable policy (float32 master weights, whatever the compute dtype) and the frozen KL
     reference when ``with_reference``: a second copy of the model, or under LoRA none, since the base
-    with its adapters disabled is the reference."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with its adapters disabled is the reference. With ``dither_seed``, weights that lie on the bf16 grid
+    are moved inside their bf16 cells (:mod:`lit_dash.training.bf16_cells`), the reference's the same."""
+    model = _load(path, dither_seed)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -123,16 +129,29 @@ def load_policy(
         return model, None
     if not with_reference:
         return model, None
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = _load(path, dither_seed)
     reference.requires_grad_(False).eval()
     return model, reference
+
+
+def _load(path: str, dither_seed: int | None) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if dither_seed is not None:
+        moved = dither_within_bf16_cells(model, dither_seed)
+        if moved:
+            rank_zero_info(
+                f"[lit_dash] {moved} parameters lie on the bf16 grid: moved inside their bf16 cells, so the "
+                "bf16 copies (autocast, the engine) follow small updates (model.bf16_dither)"
+            )
+    return model
 
 
 class PolicyModels(L.LightningModule):
     """The module's models and their log-probs, as a mixin of :class:`lit_dash.module.DashModule`: it
     loads the policy and the KL reference (``configure_model``), and runs them on micro-batches under
     the trainer's autocast. Needs ``model_path()``, ``kl_coef`` and the ``precision``,
-    ``gradient_checkpointing``, ``lora`` and ``logprob_chunk_tokens`` hyper-parameters."""
+    ``gradient_checkpointing``, ``lora``, ``bf16_dither`` and ``logprob_chunk_tokens`` hyper-parameters, and
+    ``seed``."""
 
     policy: torch.nn.Module | None
     reference: torch.nn.Module | None
@@ -142,8 +161,21 @@ class PolicyModels(L.LightningModule):
         if self.policy is None:
             hp = self.hparams
             self.policy, self.reference = load_policy(
-                self.model_path(), hp.gradient_checkpointing, hp.lora, with_reference=self.kl_coef > 0
+                self.model_path(),
+                hp.gradient_checkpointing,
+                hp.lora,
+                with_reference=self.kl_coef > 0,
+                dither_seed=(self.seed or 0) if self._bf16_dither() else None,
             )
+
+    def _bf16_dither(self) -> bool:
+        """model.bf16_dither, or (null) whether a bf16 copy computes with these weights: the trainer's
+        autocast, or the engine (when the Trainer has one)."""
+        if self.hparams.bf16_dither is not None:
+            return bool(self.hparams.bf16_dither)
+        data = self._trainer.datamodule if self._trainer is not None else None
+        engine = getattr(data, "engine", None)
+        return torch.bfloat16 in (self._compute_dtype(), getattr(engine, "dtype", None))
 
     @property
     def lora(self) -> bool:
