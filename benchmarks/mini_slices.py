@@ -1,7 +1,7 @@
 """What ``update: mini`` trains in each optimizer step: the slices of one demo rollout, cut in rollout order
 (lit_dash now) and by length (as the buffer once did).
 
-One rollout of the demo's shape (12 prompts x 8 completions of SmolLM2-135M on two-digit additions, the
+One rollout of the demo's shape (12 prompts, or ``--prompts``, x 8 completions of SmolLM2-135M on two-digit additions, the
 real vLLM engine, temperature 1, 64 tokens), scored by the demo's reward, the completions the filter keeps
 cut into ``--slices`` slices both ways. Per slice: its completions, their token lengths (min-max), the
 mean reward and the share of negative advantages. Length goes with reward, so length-sorted slices give
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slices", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", type=int, default=12, help="prompts in the rollout (the demo's 12)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         difficulty="add2",
         num_problems=2000,
     )
-    problems = problems[args.seed * 12 : args.seed * 12 + 12]
+    problems = problems[args.seed * args.prompts : (args.seed + 1) * args.prompts]
     engine = VLLMEngine(
         resolve_model("smollm2-135m-instruct"), seed=args.seed, dtype="float32", kv_cache_gib=1.0
     )
