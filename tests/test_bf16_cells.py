@@ -81,3 +81,41 @@ def test_weights_off_the_grid_are_left_alone(tiny_model_path):
     moved = dither_within_bf16_cells(model, seed=0)
     assert off_grid and moved == len(before) - len(off_grid)
     assert all(torch.equal(dict(model.named_parameters())[n], before[n]) for n in off_grid)
+
+
+def test_a_bf16_fit_moves_the_bf16_weights_only_from_inside_the_cells(tiny_engine_bf16, tiny_model_path):
+    """One bf16 step at lr 3e-5 on the tiny model (stored on the bf16 grid), through the real engine. AdamW's
+    first step moves each weight by lr = 3e-5; a weight with |w| >= 2^-6 has bf16 neighbours at least 2^-13
+    = 1.2e-4 away, so from the grid its bf16 value cannot change (the stall, the control), while from a
+    uniform place in its cell it changes with probability lr / spacing, a quarter at most."""
+    from fitting import fit
+    from tiny_reward import ParityRewardModule
+
+    from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
+    from lit_dash.engines import SamplingConfig
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    start = {n: p.detach().to(BF16) for n, p in initial.named_parameters()}
+    changed = {}
+    try:
+        for dither in (False, True):
+            module = ParityRewardModule(
+                model="tiny-llama", lr=3e-5, precision="bfloat16", bf16_dither=dither, seed=0,
+                lr_schedule="constant", max_grad_norm=None, parity_check="off",
+            )  # fmt: skip
+            data = RolloutDataModule(
+                train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=8),
+                prompts_per_rollout=4, group_size=4, micro_batch_size=8, filter_threshold=None,
+                sampling=SamplingConfig(temperature=1.0, max_new_tokens=8), max_prompt_tokens=64,
+                engine=EngineConfig(kind="vllm", dtype="bfloat16"),
+            )  # fmt: skip
+            fit(module, data, engine=tiny_engine_bf16, max_steps=1)
+            weights = dict(module.policy.named_parameters())
+            large = {n: start[n].float().abs() >= 2.0**-6 for n in start}
+            moved = sum(int(((weights[n].detach().to(BF16) != start[n]) & large[n]).sum()) for n in start)
+            changed[dither] = moved / sum(int(m.sum()) for m in large.values())
+    finally:
+        tiny_engine_bf16.load_weights(initial.state_dict().items())
+    print(f"[bf16 cells] share of the |w| >= 2^-6 weights whose bf16 value one step changed: {changed}")
+    assert changed[False] == 0.0, changed
+    assert 0.05 < changed[True] <= 0.25, changed

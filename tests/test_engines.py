@@ -147,27 +147,36 @@ def test_weight_push_into_bf16_engine_is_quiet(tiny_engine_bf16, tiny_model_path
 
 
 def test_hf_fallback_engine_same_interface(tiny_model_path):
-    engine = build_engine("hf", tiny_model_path, seed=0)
+    engine = build_engine("hf", tiny_model_path, seed=0, dtype="float32")
     result = engine.generate(PROMPTS, n=2, sampling=SamplingConfig(max_new_tokens=6), want_logprobs=True)
     assert [c.prompt_index for c in result.completions] == [0, 0, 1, 1]
     for c in result.completions:
         assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
     # the sampler's log-probs: softmax(logits / T) truncated to the top k and renormalised (what vLLM's
-    # processed_logprobs gives); untruncated, a token of this near-uniform model would be near log(1/V)
+    # processed_logprobs gives); in fp32 a full forward gives the same numbers to rounding (1e-4 is ~100x
+    # the float32 error of a 5-way log-softmax over these logits), and the same formula at the wrong
+    # temperature (T = 1) is the negative control
     tempered = engine.generate(
         PROMPTS[:1], 2, SamplingConfig(temperature=2.0, top_k=5, max_new_tokens=4), True
     )
     prompt = tempered.prompt_token_ids[0]
-    for c in tempered.completions:
-        with torch.no_grad():
-            logits = (
-                engine.model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1].float()
-            )
-        logits = logits / 2.0
+
+    def sampler_logprobs(logits: torch.Tensor, ids: list[int], temperature: float) -> torch.Tensor:
+        logits = logits / temperature
         kept = logits.topk(5, dim=-1).indices
         truncated = torch.full_like(logits, -math.inf).scatter(-1, kept, logits.gather(-1, kept))
-        expected = torch.log_softmax(truncated, -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
-        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=0.05, rtol=0)
+        return torch.log_softmax(truncated, -1).gather(-1, torch.tensor(ids, device=logits.device)[:, None])[
+            :, 0
+        ]
+
+    for c in tempered.completions:
+        with torch.no_grad():
+            sequence = torch.tensor([prompt + c.token_ids], device=engine.device)
+            logits = engine.model(sequence).logits[0, len(prompt) - 1 : -1].float()
+        reported = torch.tensor(c.logprobs, device=logits.device)
+        torch.testing.assert_close(reported, sampler_logprobs(logits, c.token_ids, 2.0), atol=1e-4, rtol=0)
+        wrong = (reported - sampler_logprobs(logits, c.token_ids, 1.0)).abs().max()
+        assert wrong > 1e-3, f"T = 1 would pass too ({wrong:.1e}): the check could not tell temperatures"
         assert all(lp > math.log(1 / 5) - 0.5 for lp in c.logprobs)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=6)
     a = engine.generate(PROMPTS[:1], 1, greedy).completions[0].token_ids

@@ -44,6 +44,9 @@ class RandomAdapter(ParityRewardModule):
 
 
 def _lora_module(**kwargs) -> DashModule:
+    # fp32 unless a test says otherwise: these are exact invariants (and bf16 training would also move the
+    # base weights, which start on the bf16 grid, inside their bf16 cells: model.bf16_dither)
+    kwargs.setdefault("precision", "float32")
     module = DashModule(model="tiny-llama", lora=SPEC, **kwargs)
     module.configure_model()
     return module

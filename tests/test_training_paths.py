@@ -92,12 +92,22 @@ def test_kl_is_zero_at_the_reference_and_grows_as_the_policy_departs(tmp_path, e
     assert all(k >= 0 for k in kl) and kl[1] > 1e-6 and kl[2] > 1e-6
 
 
+class FirstPromptUniform(ParityRewardModule):
+    """The rollout's first prompt scores 0 everywhere (a uniform group, which filtering drops); the others
+    get the text-parity reward (mixed groups, mostly)."""
+
+    def reward(self, completions, problems):
+        first = problems[0].source_id
+        parity = super().reward(completions, problems)
+        return [0.0 if p.source_id == first else r for r, p in zip(parity, problems, strict=True)]
+
+
 @pytest.mark.parametrize("kl_over", ["kept", "sampled"])
 def test_kl_over_names_the_completions_the_kl_term_covers(tmp_path, engine, kl_over):
     """kl_over kept: only the kept completions are micro-batched, and over the sampled denominators
     the KL weighs kl_coef x kept / sampled; sampled: the dropped ones are trained too, at advantage 0,
     and the KL weighs kl_coef."""
-    module = ParityRewardModule(
+    module = FirstPromptUniform(
         model="tiny-llama", lr=5e-3, kl_coef=0.1, kl_over=kl_over, precision="float32", seed=0
     )
     trainer = _fit(tmp_path, engine, module, max_steps=1, filter_threshold=0.1)

@@ -137,7 +137,8 @@ class RolloutBuffer:
             raise ValueError(f"dynamic_sampling_calls must be >= 0, got {self.dynamic_sampling_calls}")
         if self.truncated not in TRUNCATED_MODES:
             raise ValueError(f"truncated must be one of {TRUNCATED_MODES}, got {self.truncated!r}")
-        self.overlong_buffer()  # a bad buffer fails here
+        if self.truncated == "penalty":
+            self.overlong_buffer()  # a bad buffer fails here
 
     def overlong_buffer(self) -> int:
         """The penalty's buffer in tokens (``overlong_buffer_tokens``, or a fifth of max_new_tokens)."""
