@@ -357,15 +357,11 @@ def trl_worker(spec_path: Path) -> int:
         "step_seconds": timer.step_seconds,
         "save_seconds": timer.save_seconds,
         "reward_mean": rewards_mean,
-        "questions_by_step": [_unique_in_order(q) for q in seen],
+        "questions_by_step": [q[:: spec["config"]["num_generations"]] for q in seen],  # one per group
         "torch_threads": torch.get_num_threads(),
     }
     (out / "trl_result.json").write_text(json.dumps(result, indent=1))
     return 0
-
-
-def _unique_in_order(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))
 
 
 # ------------------------------------------------------------------------------------------ the runs
@@ -618,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         for step, path in sorted(weights.items()):
             folder = path
             if path.suffix == ".ckpt":  # lit_dash: the checkpoint's policy as a transformers folder
-                folder = export_checkpoint(path, path.parent / f"export_step{step}", dtype="float32")
+                out = path.parent / f"export_step{step}"
+                folder = export_checkpoint(path, out, dtype="float32", model=args.model)
             scores[step] = score_folder(folder, questions, args, scores_dir / f"{setting}_step{step}.jsonl")
             if not args.keep_weights:
                 shutil.rmtree(folder, ignore_errors=True)
