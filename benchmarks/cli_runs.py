@@ -1,10 +1,16 @@
 """Benchmarks that run ``lit-dash`` commands, each in its own process, share this: one way to launch a
-run, keep its console in ``<root>/output.log`` and fail with that log's end when the run fails."""
+run, keep its console in ``<root>/output.log`` and fail with that log's end when the run fails; a fresh
+folder per run and the heavy files dropped after reading; the ``--`` that passes arguments on to every
+``lit-dash fit``; and the JSON report of settings and results."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,3 +30,35 @@ def run_logged(command: list[str], root: Path, label: str) -> float:
         tail = "\n".join((root / "output.log").read_text().splitlines()[-15:])
         raise RuntimeError(f"{label} failed (exit {code}); end of {root}/output.log:\n{tail}")
     return wall
+
+
+def split_fit_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the script's own arguments, those after ``--``, which go to every ``lit-dash fit``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
+def fresh_root(root: Path) -> Path:
+    """An empty folder for one run (a previous run's there is removed)."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    return root
+
+
+def drop_heavy(root: Path) -> None:
+    """Remove a run's checkpoints and exports once its figures are read (gigabytes on the 135M model)."""
+    for heavy in [*root.rglob("checkpoints"), *root.rglob("export")]:
+        shutil.rmtree(heavy, ignore_errors=True)
+
+
+def write_report(args: argparse.Namespace, name: str, rows: list[dict]) -> Path:
+    """``<args.out>/<name>.json``: the script's settings (its arguments) and its result rows."""
+    out = args.out / f"{name}.json"
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "config")}
+    report = {"settings": {**settings, "config": str(args.config)}, "results": rows}
+    out.write_text(json.dumps(report, indent=2, default=str))
+    return out

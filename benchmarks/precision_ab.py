@@ -20,12 +20,16 @@ On a CPU without native bf16 the bf16 runs are emulated and far slower. Argument
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
-from cli_runs import run_logged  # benchmarks/ is the script's folder
+from cli_runs import (  # benchmarks/ is the script's folder
+    drop_heavy,
+    fresh_root,
+    run_logged,
+    split_fit_args,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -43,9 +47,7 @@ def run_one(args: argparse.Namespace, setting: str, seed: int) -> dict:
     from lit_dash.logs import find_log_dir, read_scalars, read_timing
 
     root = args.out / "runs" / f"{setting}_seed{seed}"
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    fresh_root(root)
     cmd = [sys.executable, "-m", "lit_dash.cli", "fit", "--config", str(args.config)]
     cmd += ["--trainer.max_steps", str(args.steps), "--seed_everything", str(seed)]
     cmd += ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
@@ -56,8 +58,7 @@ def run_one(args: argparse.Namespace, setting: str, seed: int) -> dict:
     log_dir = find_log_dir(root)
     scalars = read_scalars(log_dir)
     steps = [row["total"] - row.get("evaluation", 0.0) for row in read_timing(log_dir)]
-    for heavy in [*root.rglob("checkpoints"), *root.rglob("export")]:
-        shutil.rmtree(heavy, ignore_errors=True)
+    drop_heavy(root)
     return {
         "setting": setting,
         "seed": seed,
@@ -84,9 +85,7 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    fit_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, fit_args = split_fit_args(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     p.add_argument("--steps", type=int, default=4, help="trainer.max_steps (the demo evaluates every 4)")
@@ -109,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [run_one(args, setting, seed) for seed in args.seeds for setting in args.settings]
-    out = args.out / "precision_ab.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "config")}
-    out.write_text(
-        json.dumps({"settings": {**settings, "config": str(args.config)}, "results": rows}, indent=2)
-    )
+    out = write_report(args, "precision_ab", rows)
     print(table(rows))
     print(f"[precision_ab] wrote {out}")
     return 0

@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from cli_runs import run_logged  # benchmarks/ is the script's folder
+from cli_runs import (  # benchmarks/ is the script's folder
+    drop_heavy,
+    fresh_root,
+    run_logged,
+    split_fit_args,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ("no_skip", "skip")
@@ -116,24 +121,19 @@ def run_one(args: argparse.Namespace, setting: str, seed: int) -> dict:
     from lit_dash.logs import find_log_dir, read_scalars, read_timing
 
     root = args.out / "runs" / f"{setting}_seed{seed}"
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    fresh_root(root)
     cmd = fit_command(args, setting, seed, root)
     wall = run_logged(cmd, root, f"prompt_skipping {setting} seed {seed}")
     log_dir = find_log_dir(root)
     run = summarize_run(read_scalars(log_dir), read_timing(log_dir), args.eval_tag)
     run.update(process_wall_s=wall, log_dir=str(log_dir), command=cmd[1:])
     if not args.keep_checkpoints:
-        for heavy in [*root.rglob("checkpoints"), *root.rglob("export")]:
-            shutil.rmtree(heavy, ignore_errors=True)
+        drop_heavy(root)
     return run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    fit_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, fit_args = split_fit_args(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     p.add_argument("--steps", type=int, default=12, help="trainer.max_steps (rollouts, update: dash)")
@@ -161,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {(s, seed): run_one(args, s, seed) for seed in args.seeds for s in SETTINGS}
     rows = compare(runs)
-    out = args.out / "prompt_skipping.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "config")}
-    out.write_text(
-        json.dumps({"settings": {**settings, "config": str(args.config)}, "results": rows}, indent=2)
-    )
+    out = write_report(args, "prompt_skipping", rows)
     print(table(rows))
     print(f"[prompt_skipping] wrote {out}")
     return 0
