@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from _paths import REPO_ROOT, SHARED_DATA
+from _paths import REPO_ROOT
 
 from lit_dash.cli import build_cli
 from lit_dash.data import datamodule as datamodule_module
@@ -154,9 +154,11 @@ def test_a_missing_data_folder_is_not_sent_to_the_hub(tmp_path):
         load_problems("gsm8k", str(tmp_path), "train")  # a folder without the file
 
 
-def test_zero_limit_is_refused():
-    with pytest.raises(DataError, match="limit must be a positive integer"):
-        load_problems("gsm8k", str(SHARED_DATA), "test", limit=0)
+def test_zero_limit_is_refused(tmp_path):
+    """Before any file is read: a folder without the data gives the limit's error, not the path's."""
+    for source in ("gsm8k", "math", "math500", "math12k", "arithmetic"):
+        with pytest.raises(DataError, match="limit must be a positive integer"):
+            load_problems(source, str(tmp_path), "train", limit=0)
 
 
 # ---- through `lit-dash fit`: refused before the engine or the model is loaded ----------------------

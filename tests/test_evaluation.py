@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from _paths import SHARED_DATA
 
 from lit_dash.data.records import Problem
 from lit_dash.evaluation import Evaluator, format_results, summarize
@@ -64,10 +65,9 @@ def test_evaluator_on_the_real_engine_writes_scored_jsonl(tiny_engine, tmp_path)
     assert again.accuracy == result.accuracy and again.mean_completion_tokens == result.mean_completion_tokens
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
 def test_real_smollm2_on_gsm8k_slice_through_vllm(smollm2_engine, tmp_path):
     """The real 135M model, real GSM8K rows, real vLLM, greedy: the evaluation path a user runs."""
-    from _paths import SHARED_DATA
-
     from lit_dash.data.sources import load_gsm8k
 
     problems = load_gsm8k(SHARED_DATA / "gsm8k_test.jsonl", limit=8)

@@ -420,7 +420,10 @@ def load_problems(
     ``path`` is a local JSONL file, a directory with the shared data files, or a hub id (``None`` means the
     default hub id). For ``arithmetic``, ``num_problems`` problems are generated from ``seed`` in the given
     ``split``'s partition (so ``split="test"`` never overlaps ``split="train"``), then cut to ``limit``.
+    A bad ``limit`` is refused before any file or hub is read.
     """
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive integer or None, got {limit}")
     if source == "gsm8k":
         return load_gsm8k(path or GSM8K_HUB_ID, split, limit)
     if source == "math":
