@@ -62,3 +62,11 @@ def write_report(args: argparse.Namespace, name: str, rows: list[dict]) -> Path:
     report = {"settings": {**settings, "config": str(args.config)}, "results": rows}
     out.write_text(json.dumps(report, indent=2, default=str))
     return out
+
+
+def fit_base_command(config: Path, steps: int, seed: int, root: Path) -> list[str]:
+    """``lit-dash fit`` of ``config`` for ``steps`` optimizer steps at ``seed``, logging under ``root``,
+    without the progress bar (the console goes to a log file): what a benchmark's settings add to."""
+    cmd = [sys.executable, "-m", "lit_dash.cli", "fit", "--config", str(config)]
+    cmd += ["--trainer.max_steps", str(steps), "--seed_everything", str(seed)]
+    return cmd + ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]

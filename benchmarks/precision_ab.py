@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cli_runs import (  # benchmarks/ is the script's folder
     drop_heavy,
+    fit_base_command,
     fresh_root,
     run_logged,
     split_fit_args,
@@ -48,9 +49,7 @@ def run_one(args: argparse.Namespace, setting: str, seed: int) -> dict:
 
     root = args.out / "runs" / f"{setting}_seed{seed}"
     fresh_root(root)
-    cmd = [sys.executable, "-m", "lit_dash.cli", "fit", "--config", str(args.config)]
-    cmd += ["--trainer.max_steps", str(args.steps), "--seed_everything", str(seed)]
-    cmd += ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    cmd = fit_base_command(args.config, args.steps, seed, root)
     if args.model:
         cmd += ["--model.init_args.model", args.model]
     cmd += SETTINGS[setting] + list(args.fit_args)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from cli_runs import (  # benchmarks/ is the script's folder
     drop_heavy,
+    fit_base_command,
     fresh_root,
     run_logged,
     split_fit_args,
@@ -42,9 +43,7 @@ SETTINGS = ("no_skip", "skip")
 
 
 def fit_command(args: argparse.Namespace, setting: str, seed: int, root: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "lit_dash.cli", "fit", "--config", str(args.config)]
-    cmd += ["--trainer.max_steps", str(args.steps), "--seed_everything", str(seed)]
-    cmd += ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    cmd = fit_base_command(args.config, args.steps, seed, root)
     if args.train_problems:
         cmd += ["--data.train.num_problems", str(args.train_problems)]
     if args.model:

@@ -38,7 +38,7 @@ import torch
 from lit_dash.advantages import group_advantages, keep_mask, overlong_penalty, zero_variance_groups
 from lit_dash.data.batches import MicroBatch, completion_length, pack_rows, pad_completions, pad_micro_batch
 from lit_dash.data.records import Problem
-from lit_dash.data.rollout import Rollout
+from lit_dash.data.rollout import Rollout, in_loss
 from lit_dash.engines.base import Completion, Engine, SamplingConfig
 from lit_dash.rewards.math import RewardEvents, reward_events
 from lit_dash.rewards.scoring import RewardError, check_rewards, score_completions
@@ -150,9 +150,10 @@ class RolloutBuffer:
 
     def _shaped(
         self, rewards: torch.Tensor, completions: list[Completion]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(the rewards the advantages are computed from, the kept mask, the overlong penalties or None):
-        ``data.truncated`` applied to the rewards and to the filter."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``data.truncated`` applied to the rewards and to the filter: (the rewards the advantages are
+        computed from, the kept mask, the completions a loss can hold (:func:`in_loss`), the overlong
+        penalties or None)."""
         penalties = None
         if self.truncated == "penalty":
             lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=rewards.dtype)
@@ -162,15 +163,9 @@ class RolloutBuffer:
             kept = torch.ones_like(rewards, dtype=torch.bool)
         else:
             kept = keep_mask(rewards, self.group_size, self.filter_threshold)
-        return rewards, kept & self._trainable(completions), penalties
-
-    def _trainable(self, completions: list[Completion]) -> torch.Tensor:
-        """[B] bool: the completions a loss can hold: at least one token (an empty one adds nothing to any
-        sum, and a step of only empty ones would divide 0 by 0), and not cut off under truncated: mask."""
-        return torch.tensor(
-            [bool(c.token_ids) and not (self.truncated == "mask" and c.truncated) for c in completions],
-            dtype=torch.bool,
-        )
+        mask = self.truncated == "mask"
+        trainable = torch.tensor([in_loss(c, mask) for c in completions], dtype=torch.bool)
+        return rewards, kept & trainable, trainable, penalties
 
     def _generate(self, prompts: list[str]) -> tuple[list[list[int]], list[Completion], int]:
         if self.rollout_mode == "preemptive":
@@ -252,7 +247,7 @@ class RolloutBuffer:
     def _informative_groups(self, rewards: torch.Tensor, completions: list[Completion]) -> torch.Tensor:
         """[groups] bool: the group has at least one completion the filter keeps (a non-constant group
         when filtering is off), after ``data.truncated``."""
-        shaped, kept, _ = self._shaped(rewards, completions)
+        shaped, kept, _, _ = self._shaped(rewards, completions)
         if self.filter_threshold is None:
             kept = kept & ~zero_variance_groups(shaped, self.group_size).repeat_interleave(self.group_size)
         return kept.view(-1, self.group_size).any(dim=1)
@@ -354,12 +349,12 @@ class RolloutBuffer:
             timings["reward"] = time.perf_counter() - t1
         t2 = time.perf_counter()
 
-        shaped, kept, penalties = self._shaped(rewards, completions)
+        shaped, kept, trainable, penalties = self._shaped(rewards, completions)
         advantages = group_advantages(shaped, self.group_size, scale_by_std=self.scale_rewards)
         rows = [i for i in range(len(completions)) if kept[i]]
         trained, loss_advantages = rows, advantages
         if self.train_dropped:  # kl_over: sampled: the dropped rows' KL, at advantage 0
-            trained = [i for i, ok in enumerate(self._trainable(completions).tolist()) if ok]
+            trained = [i for i, ok in enumerate(trainable.tolist()) if ok]
             loss_advantages = torch.where(kept, advantages, torch.zeros_like(advantages))
         micro_batches, slice_sizes = self._sliced_micro_batches(
             trained, prompt_ids, completions, loss_advantages

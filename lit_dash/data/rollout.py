@@ -14,7 +14,13 @@ from lit_dash.data.batches import MicroBatch
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Completion
 
-__all__ = ["Rollout"]
+__all__ = ["Rollout", "in_loss"]
+
+
+def in_loss(completion: Completion, mask_truncated: bool) -> bool:
+    """Whether the loss can hold a completion: at least one token (an empty one adds nothing to any sum,
+    and a step of only empty ones would divide 0 by 0), and not cut off under ``data.truncated: mask``."""
+    return bool(completion.token_ids) and not (mask_truncated and completion.truncated)
 
 
 @dataclass
@@ -65,21 +71,18 @@ class Rollout:
     def num_kept(self) -> int:
         return int(self.kept.sum())
 
-    def _counted(self, c: Completion) -> bool:
-        return not (self.masked_truncated and c.truncated)
-
     @property
     def sampled_completions(self) -> int:
         """Completions sampled for this step before filtering (with at least one token): what the loss's
         denominators count with ``normalize_over: rollout``. Truncated ones are not counted under
         ``data.truncated: mask``: they are in neither the loss nor its denominators."""
-        return sum(1 for c in self.completions if c.token_ids and self._counted(c))
+        return sum(1 for c in self.completions if in_loss(c, self.masked_truncated))
 
     @property
     def sampled_tokens(self) -> int:
         """Completion tokens of every completion sampled for this step, before filtering (truncated ones
         left out under ``data.truncated: mask``)."""
-        return sum(len(c.token_ids) for c in self.completions if self._counted(c))
+        return sum(len(c.token_ids) for c in self.completions if in_loss(c, self.masked_truncated))
 
     @property
     def skipped_prompts(self) -> int:

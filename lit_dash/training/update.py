@@ -108,6 +108,12 @@ class UpdateSpec:
         return []
 
     @property
+    def logs_dual_clip(self) -> bool:
+        """Whether steps log train/dual_clip_fraction: off-policy modes with the dual clip on (on-policy
+        the ratio is exactly 1 and it never binds)."""
+        return self.update != "dash" and self.clip_ratio_c is not None
+
+    @property
     def trains_dropped_rows(self) -> bool:
         """The buffer also cuts the completions filtering dropped into micro-batches, with advantage 0:
         their KL term is trained (kl_over: sampled, with kl_coef > 0)."""
@@ -190,7 +196,7 @@ def normalizer_weight(
 def zero_totals(spec: UpdateSpec) -> dict[str, float]:
     """A step's logged sums before any micro-batch adds to them (the same keys whether it trains or not)."""
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
-    if spec.update != "dash" and spec.clip_ratio_c is not None:  # on-policy the ratio is 1: it never binds
+    if spec.logs_dual_clip:
         totals["dual_clip_fraction"] = 0.0
     if spec.tis_cap is not None:
         totals["tis_weight_mean"] = 0.0
@@ -246,7 +252,7 @@ def micro_batch_loss(
         "entropy": float((entropy * mask).sum()) / max(counts["global_tokens"], 1.0),
         "kl": 0.0,
     }
-    if "dual_clip_fraction" in zero_totals(spec):
+    if spec.logs_dual_clip:
         stats["dual_clip_fraction"] = float(dual_frac) * share
     engine_lp = mb.engine_logprobs.to(device) if mb.engine_logprobs is not None else None
     if old_logprobs is None and engine_lp is not None:
