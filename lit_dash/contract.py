@@ -43,6 +43,9 @@ class RolloutPolicy(Protocol):
     @property
     def trains_dropped_rows(self) -> bool: ...  # micro-batch dropped completions too (kl_over: sampled)
 
+    @property
+    def shared_prefix(self) -> bool: ...  # micro-batches hold whole groups, packed behind one prompt
+
     def model_path(self) -> str: ...  # the local folder the engine loads
 
     def skipping_problems(self) -> list[str]: ...  # the module's knobs that data.prompt_skipping refuses

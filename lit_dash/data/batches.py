@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lit_dash.data.packing import PackedLayout, packed_layout
+
 if TYPE_CHECKING:
     from lit_dash.engines.base import Completion
 
@@ -30,6 +32,10 @@ class MicroBatch:
     and PPO ratio use ``logits / temperature`` (0, greedy, counts as 1). ``engine_logprobs [b, L-1]``
     (aligned with ``completion_mask``, zero elsewhere) holds the log-prob the engine's sampler gave each
     sampled token, after temperature and top-k / top-p; ``None`` when the engine reported none.
+
+    ``packed`` (``model.shared_prefix``) lays the same completions out as packed rows, one prompt per
+    group (:class:`lit_dash.data.packing.PackedLayout`): the decoder's forward reads it instead of
+    ``input_ids``; everything after the forward keeps this per-row layout.
     """
 
     input_ids: torch.Tensor
@@ -39,6 +45,7 @@ class MicroBatch:
     rows: list[int]
     temperature: float = 1.0
     engine_logprobs: torch.Tensor | None = None
+    packed: PackedLayout | None = None
 
     @property
     def num_completions(self) -> int:
@@ -46,7 +53,13 @@ class MicroBatch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Tokens the forward encodes: prompt + completion per row, or each prompt once when packed."""
+        return self.packed.num_tokens if self.packed is not None else int(self.attention_mask.sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens the forward runs on, padding included."""
+        return self.packed.padded_tokens if self.packed is not None else self.input_ids.numel()
 
 
 def completion_length(row: int, prompt_ids: list[list[int]], completions: Sequence[Completion]) -> int:
@@ -80,13 +93,15 @@ def pad_completions(
     advantages: torch.Tensor,
     pad_token_id: int,
     temperature: float,
+    shared_prefix: bool = False,
 ) -> MicroBatch:
-    """Completions ``rows`` (with their prompts, advantages and engine log-probs) as one micro-batch."""
+    """Completions ``rows`` (with their prompts, advantages and engine log-probs) as one micro-batch;
+    with ``shared_prefix`` also as packed rows (:func:`lit_dash.data.packing.packed_layout`)."""
     seqs = [(prompt_ids[completions[r].prompt_index], completions[r].token_ids) for r in rows]
     engine_logprobs = [completions[r].logprobs for r in rows]
     if not all(len(lp) == len(completions[r].token_ids) for lp, r in zip(engine_logprobs, rows, strict=True)):
         engine_logprobs = None  # an engine that reports no (or partial) log-probs: no parity check
-    return pad_micro_batch(
+    mb = pad_micro_batch(
         seqs,
         pad_token_id,
         advantages[rows].clone(),
@@ -94,6 +109,12 @@ def pad_completions(
         temperature=temperature,
         engine_logprobs=engine_logprobs,
     )
+    if shared_prefix:
+        prompt_of = {r: completions[r].prompt_index for r in rows}
+        mb.packed = packed_layout(
+            rows, prompt_of, prompt_ids, {r: completions[r].token_ids for r in rows}, pad_token_id
+        )
+    return mb
 
 
 def pad_micro_batch(

@@ -37,6 +37,7 @@ import torch
 
 from lit_dash.advantages import group_advantages, keep_mask, overlong_penalty, zero_variance_groups
 from lit_dash.data.batches import MicroBatch, completion_length, pack_rows, pad_completions, pad_micro_batch
+from lit_dash.data.packing import pack_groups
 from lit_dash.data.records import Problem
 from lit_dash.data.rollout import Rollout, in_loss
 from lit_dash.engines.base import Completion, Engine, SamplingConfig
@@ -106,6 +107,9 @@ class RolloutBuffer:
             and the statistics stay the filter's.
         overlong_buffer_tokens: ``penalty``'s buffer (tokens before ``max_new_tokens`` where the penalty
             starts); None: a fifth of ``max_new_tokens`` (DAPO's 4,096 of 20,480).
+        shared_prefix: micro-batches keep each prompt's completions together and carry them as packed
+            rows, one prompt per group (``model.shared_prefix``, :mod:`lit_dash.data.packing`); off, rows
+            are sorted by length and padded one completion per row.
 
     ``collect``'s ``skip`` (prompt skipping) and dynamic sampling do not combine (the datamodule refuses
     both together): refilling tops a rollout up to P sampled groups, skipping leaves it smaller on purpose.
@@ -126,6 +130,7 @@ class RolloutBuffer:
     truncated: str = "keep"
     overlong_buffer_tokens: int | None = None
     train_dropped: bool = False
+    shared_prefix: bool = False
     warned_reward_timeouts: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -409,12 +414,29 @@ class RolloutBuffer:
         completions: list[Completion],
         advantages: torch.Tensor,
     ) -> list[MicroBatch]:
-        """Sort kept rows by total length and cut them into micro-batches, so little is padded."""
-        length = {r: completion_length(r, prompt_ids, completions) for r in rows}
-        groups = pack_rows(rows, length, self.micro_batch_size, self.max_tokens_per_micro_batch)
+        """Cut kept rows into micro-batches, so little is padded: sorted by total length, or with
+        ``shared_prefix`` whole groups packed behind their prompt (:func:`pack_groups`)."""
+        if self.shared_prefix:
+            groups = pack_groups(
+                rows,
+                {r: completions[r].prompt_index for r in rows},
+                {r: len(completions[r].token_ids) for r in rows},
+                dict(enumerate(len(p) for p in prompt_ids)),
+                self.micro_batch_size,
+                self.max_tokens_per_micro_batch,
+            )
+        else:
+            length = {r: completion_length(r, prompt_ids, completions) for r in rows}
+            groups = pack_rows(rows, length, self.micro_batch_size, self.max_tokens_per_micro_batch)
         return [
             pad_completions(
-                g, prompt_ids, completions, advantages, self.pad_token_id, self.sampling.temperature
-            )
+                g,
+                prompt_ids,
+                completions,
+                advantages,
+                self.pad_token_id,
+                self.sampling.temperature,
+                shared_prefix=self.shared_prefix,
+            )  # fmt: skip
             for g in groups
         ]

@@ -193,6 +193,7 @@ class RolloutDataModule(DataKnobs, L.LightningDataModule):
                 pad_token_id=self.engine.tokenizer.pad_token_id or 0,
                 slices=policy.rollout_slices if policy is not None else 1,
                 train_dropped=policy.trains_dropped_rows if policy is not None else False,
+                shared_prefix=policy.shared_prefix if policy is not None else False,
                 dynamic_sampling_calls=self.dynamic_sampling_calls,
                 truncated=self.truncated,
                 overlong_buffer_tokens=self.overlong_buffer_tokens,

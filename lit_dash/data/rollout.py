@@ -111,7 +111,7 @@ class Rollout:
         """Scalars for the logger: units in the names (completions, tokens, groups)."""
         lengths = torch.tensor([len(c.token_ids) for c in self.completions], dtype=torch.float32)
         zero_var = zero_variance_groups(self.rewards, self.group_size)
-        padded = sum(mb.input_ids.numel() for mb in self.micro_batches)
+        padded = sum(mb.padded_tokens for mb in self.micro_batches)
         real = sum(mb.num_tokens for mb in self.micro_batches)
         kept_adv = self.advantages[self.kept]
         return {

@@ -13,11 +13,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoModelForCausalLM
 
 from lit_dash import losses
 from lit_dash.data.batches import MicroBatch
+from lit_dash.data.packing import shared_prefix_problem
 from lit_dash.hardware import resolve_dtype
 from lit_dash.lora import apply_lora, is_lora, merged_model, parameter_bytes
 from lit_dash.training.bf16_cells import dither_within_bf16_cells
@@ -31,22 +32,35 @@ def autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractCon
 
 
 def completion_hidden(
-    model: torch.nn.Module, mb: MicroBatch, dtype: torch.dtype, device: torch.device
+    model: torch.nn.Module, mb: MicroBatch, dtype: torch.dtype, device: torch.device, packed: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states at completion positions only, ``[N, H]`` for the N completion tokens (the
-    state that predicts each), and their targets ``[N]``."""
+    state that predicts each), and their targets ``[N]``. A micro-batch with a packed layout
+    (``model.shared_prefix``) runs its packed rows, each prompt once, unless ``packed`` is false; the
+    states come out in the per-row order either way."""
     ids = mb.input_ids.to(device)
+    positions = mb.completion_mask.to(device) > 0
+    targets = ids[:, 1:][positions]
+    layout = mb.packed if packed else None
+    if layout is not None:
+        mask = layout.attention_mask(model.config._attn_implementation, device)
+        with autocast(dtype, device):
+            hidden = model.get_decoder()(
+                input_ids=layout.input_ids.to(device),
+                position_ids=layout.position_ids.to(device),
+                attention_mask=mask,
+            ).last_hidden_state
+        return hidden.flatten(0, 1)[layout.hidden_index.to(device)], targets
     with autocast(dtype, device):
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mb.attention_mask.to(device))
-    positions = mb.completion_mask.to(device) > 0
-    return hidden.last_hidden_state[:, :-1][positions], ids[:, 1:][positions]
+    return hidden.last_hidden_state[:, :-1][positions], targets
 
 
 def completion_logits(
-    model: torch.nn.Module, mb: MicroBatch, dtype: torch.dtype, device: torch.device
+    model: torch.nn.Module, mb: MicroBatch, dtype: torch.dtype, device: torch.device, packed: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at completion positions only, ``[N, V]`` for the N completion tokens, and their targets."""
-    hidden, targets = completion_hidden(model, mb, dtype, device)
+    hidden, targets = completion_hidden(model, mb, dtype, device, packed)
     with autocast(dtype, device):
         return model.get_output_embeddings()(hidden), targets
 
@@ -58,21 +72,23 @@ def completion_logprobs(
     device: torch.device,
     chunk_tokens: int | None,
     with_entropy: bool = False,
+    packed: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``model``'s log-probs of the N completion tokens at the sampling temperature, ``[N]``, and with
     ``with_entropy`` their entropies (detached). With ``chunk_tokens`` the LM head and the log-softmax
     run on that many tokens at a time (recomputed in backward), so no ``[N, V]`` logits are kept; null /
-    0 computes (and autograd keeps) the full ``[N, V]`` logits."""
+    0 computes (and autograd keeps) the full ``[N, V]`` logits. ``packed``: run a packed layout when the
+    micro-batch has one (:func:`completion_hidden`)."""
     temperature = mb.temperature
     if not chunk_tokens:
-        logits, targets = completion_logits(model, mb, dtype, device)
+        logits, targets = completion_logits(model, mb, dtype, device, packed)
         logprobs = losses.token_logprobs(logits[None], targets[None], temperature=temperature)[0]
         entropy = None
         if with_entropy:
             with torch.no_grad():
                 entropy = losses.entropy_from_logits(logits.detach()[None], temperature=temperature)[0]
         return logprobs, entropy
-    hidden, targets = completion_hidden(model, mb, dtype, device)
+    hidden, targets = completion_hidden(model, mb, dtype, device, packed)
     lm_head = model.get_output_embeddings()
 
     def head(h: torch.Tensor) -> torch.Tensor:
@@ -150,12 +166,34 @@ class PolicyModels(L.LightningModule):
     """The module's models and their log-probs, as a mixin of :class:`lit_dash.module.DashModule`: it
     loads the policy and the KL reference (``configure_model``), and runs them on micro-batches under
     the trainer's autocast. Needs ``model_path()``, ``kl_coef`` and the ``precision``,
-    ``gradient_checkpointing``, ``lora``, ``bf16_dither`` and ``logprob_chunk_tokens`` hyper-parameters, and
-    ``seed``."""
+    ``gradient_checkpointing``, ``lora``, ``bf16_dither``, ``logprob_chunk_tokens`` and ``shared_prefix``
+    hyper-parameters, and ``seed``."""
 
     policy: torch.nn.Module | None
     reference: torch.nn.Module | None
     kl_coef: float
+    _packs_policy: tuple[int, bool] | None = None  # (id of the policy checked, whether it runs packed rows)
+
+    @property
+    def shared_prefix(self) -> bool:
+        """Whether the buffer packs each group behind one prompt (model.shared_prefix; the datamodule reads
+        it before the model loads, so a model that cannot run packed rows still gets whole groups per
+        micro-batch and runs them per row)."""
+        return bool(self.hparams.get("shared_prefix", False))
+
+    def packed_forward(self) -> bool:
+        """Whether the forward runs the micro-batches' packed rows: model.shared_prefix, unless the policy
+        cannot take them (:func:`lit_dash.data.packing.shared_prefix_problem`; warned once per model)."""
+        if not self.shared_prefix or self.policy is None:
+            return False
+        if self._packs_policy is None or self._packs_policy[0] != id(self.policy):
+            problem = shared_prefix_problem(self.policy)
+            if problem is not None:
+                rank_zero_warn(
+                    f"[lit_dash] model.shared_prefix is off for this model (rows run one by one): {problem}"
+                )
+            self._packs_policy = (id(self.policy), problem is None)
+        return self._packs_policy[1]
 
     def configure_model(self) -> None:
         if self.policy is None:
@@ -204,7 +242,7 @@ class PolicyModels(L.LightningModule):
 
     def completion_logits(self, model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at completion positions only, ``[N, V]`` for the N completion tokens, and their targets."""
-        return completion_logits(model, mb, self._compute_dtype(), self.device)
+        return completion_logits(model, mb, self._compute_dtype(), self.device, self.packed_forward())
 
     def completion_logprobs(
         self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = False
@@ -212,7 +250,9 @@ class PolicyModels(L.LightningModule):
         """``model``'s log-probs ``[N]`` of the completion tokens (and detached entropies), chunked by
         ``model.logprob_chunk_tokens`` (:func:`completion_logprobs`)."""
         chunk = self.hparams.logprob_chunk_tokens
-        return completion_logprobs(model, mb, self._compute_dtype(), self.device, chunk, with_entropy)
+        return completion_logprobs(
+            model, mb, self._compute_dtype(), self.device, chunk, with_entropy, packed=self.packed_forward()
+        )
 
     def forward(self, micro_batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and entropies at the sampling temperature (``logits / T``), ``[b, L-1]``,
