@@ -152,6 +152,11 @@ def demo_parts(args, max_new: int, prompts: int, root: str):
         "data.engine.max_model_len": args.max_model_len,
         "trainer.default_root_dir": root,
     }
+    if args.precision:
+        overrides["model.init_args.precision"] = args.precision
+        overrides["data.engine.dtype"] = args.precision
+    if args.shared_prefix is not None:
+        overrides["model.init_args.shared_prefix"] = str(args.shared_prefix).lower()
     if args.group_size:
         overrides["data.group_size"] = args.group_size
     if args.micro_batch:
@@ -273,6 +278,70 @@ def bare_forward_backward(module, micro_batches) -> dict:
     seconds = time.perf_counter() - start
     policy.zero_grad(set_to_none=True)
     return {"seconds": seconds, "trained_tokens": tokens, "completion_tokens": completion_tokens}
+
+
+def lit_dash_forward_backward(module, micro_batches, max_new: int) -> None:
+    """lit_dash's own micro-batch loss over the micro-batches, each backward, gradients accumulating (the
+    step's forward_backward phase without the trainer around it)."""
+    counts = module.step_counts(micro_batches, max_new)
+    for mb in micro_batches:
+        module.micro_batch_loss(mb, counts)[0].backward()
+
+
+def layouts(module, buffer, rollout, max_new: int, rounds: int) -> dict:
+    """Forward+backward of the step's completions three ways, interleaved, ``rounds`` times (the best of
+    each): the bare per-row loop and lit_dash on the per-row layout's micro-batches (sorted by length, one
+    completion a row), and lit_dash on the shared-prefix layout's (whole groups, one prompt each). The
+    same rows, the same micro-batch size; the trainer's precision."""
+    from dataclasses import replace
+
+    rows = [i for i in range(len(rollout.completions)) if bool(rollout.kept[i])]
+    args = (rows, rollout.prompt_token_ids, rollout.completions, rollout.advantages)
+    per_row = replace(buffer, shared_prefix=False)._micro_batches(*args)
+    packed = replace(buffer, shared_prefix=True)._micro_batches(*args)
+    saved = module.hparams.get("shared_prefix", False)
+    module.hparams.shared_prefix, module._packs_policy = True, None
+    policy = module.policy
+
+    def fresh() -> None:
+        policy.zero_grad(set_to_none=True)
+
+    def bare() -> None:
+        for mb in per_row:
+            with module._autocast():
+                loss = bare_loss(policy, mb, mb.temperature or 1.0)
+            loss.backward()
+
+    runs = {
+        "bare_per_row": bare,
+        "lit_dash_per_row": lambda: lit_dash_forward_backward(module, per_row, max_new),
+        "lit_dash_shared_prefix": lambda: lit_dash_forward_backward(module, packed, max_new),
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    try:
+        for _ in range(rounds):
+            for key, fn in runs.items():
+                fresh()
+                seconds[key].append(_timed(fn))
+    finally:
+        module.hparams.shared_prefix, module._packs_policy = saved, None
+        fresh()
+    best = {k: min(v) for k, v in seconds.items()}
+    return {
+        "seconds": best,
+        "all_seconds": seconds,
+        "rounds": rounds,
+        "completions": len(rows),
+        "micro_batches": {"per_row": len(per_row), "shared_prefix": len(packed)},
+        "tokens": {  # encoded (padding excluded) and run (padding included)
+            "per_row": sum(mb.num_tokens for mb in per_row),
+            "per_row_padded": sum(mb.padded_tokens for mb in per_row),
+            "shared_prefix": sum(mb.num_tokens for mb in packed),
+            "shared_prefix_padded": sum(mb.padded_tokens for mb in packed),
+        },
+        "speedup_over_bare": best["bare_per_row"] / best["lit_dash_shared_prefix"],
+        "per_row_over_bare": best["bare_per_row"] / best["lit_dash_per_row"],
+    }
 
 
 def _timed(fn) -> float:
@@ -500,6 +569,8 @@ def run_setting(name: str, args, max_new: int, prompts: int, shared: dict) -> di
         )
     with clock("diagnosis"):
         diag = diagnose(module, micro_batches, max_new)
+    with clock("layouts"):
+        layout = layouts(module, dm.buffer, rollout, max_new, args.layout_rounds)
     forward_backward = {
         "lit_dash_seconds": row["forward_backward"],
         "lit_dash_tokens_per_s": row["train_tokens_per_s"],
@@ -517,6 +588,8 @@ def run_setting(name: str, args, max_new: int, prompts: int, shared: dict) -> di
         "autocast": str(dtype).removeprefix("torch.") if dtype != torch.float32 else None,
         "diagnosis": diag,
         "logprob_chunk_tokens": module.hparams.logprob_chunk_tokens,
+        "shared_prefix": module.shared_prefix,
+        "layouts": layout,
     }
     with clock("weight sync"):
         sync = weight_sync(trainer, module, dm.engine, row["weight_sync"], args.sync_repeats)
@@ -571,6 +644,7 @@ def table_rows(result: dict) -> list[tuple[str, float, float, float, str]]:
     limit, below 1 slower): tok/s over tok/s, limit seconds over lit_dash seconds."""
     g, fb, ws, ck = (result[k] for k in ("generation", "forward_backward", "weight_sync", "checkpoint"))
     peak = fb["matmul_peak"]["peak_gflops"]
+    lay = fb["layouts"]["seconds"]
     return [
         ("generation", g["lit_dash_tokens_per_s"], g["limit_tokens_per_s"],
          g["lit_dash_tokens_per_s"] / g["limit_tokens_per_s"], "completion tok/s"),
@@ -578,6 +652,10 @@ def table_rows(result: dict) -> list[tuple[str, float, float, float, str]]:
          fb["lit_dash_tokens_per_s"] / fb["bare_tokens_per_s"], "trained tok/s"),
         ("forward+backward MFU", fb["lit_dash_mfu"], fb["bare_mfu"], fb["lit_dash_mfu"] / fb["bare_mfu"],
          f"of {peak:.0f} GFLOP/s {fb['matmul_peak']['dtype']} matmul peak"),
+        ("forward+backward, per row", lay["lit_dash_per_row"], lay["bare_per_row"],
+         lay["bare_per_row"] / lay["lit_dash_per_row"], "s, the step's completions, vs the bare per-row loop"),
+        ("forward+backward, shared prefix", lay["lit_dash_shared_prefix"], lay["bare_per_row"],
+         lay["bare_per_row"] / lay["lit_dash_shared_prefix"], "s, the same completions, vs the bare per-row loop"),
         ("weight sync", ws["push_seconds"], ws["copy_seconds"], ws["copy_seconds"] / ws["push_seconds"],
          f"s ({ws['bytes'] / 2**20:.0f} MiB {ws['engine_dtype']})"),
         ("checkpoint", ck["lit_dash_seconds"], ck["raw_seconds"], ck["raw_seconds"] / ck["lit_dash_seconds"],
@@ -639,6 +717,13 @@ def gap_paragraph(result: dict) -> str:
         + (f"autocast to {fb['autocast']} recasts weights every step." if fb["autocast"] else
            "no autocast (fp32): no recast.")
     )  # fmt: skip
+    lay = fb["layouts"]
+    parts.append(
+        f"shared prefix: {lay['tokens']['shared_prefix']} tokens encoded for the per-row layout's "
+        f"{lay['tokens']['per_row']} ({lay['micro_batches']['shared_prefix']} micro-batches against "
+        f"{lay['micro_batches']['per_row']}); forward+backward x{lay['speedup_over_bare']:.2f} the bare per-row loop "
+        f"(lit_dash per row x{lay['per_row_over_bare']:.2f}), best of {lay['rounds']} interleaved rounds."
+    )
     parts.append(
         f"weight sync: the push takes x{ws['push_seconds'] / ws['copy_seconds']:.1f} a plain copy of the same "
         f"{ws['bytes'] / 2**20:.0f} MiB (vLLM's layer-wise reload and prefix-cache reset)."
@@ -673,6 +758,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--steps", type=int, default=2, help="training steps per setting; the last is measured"
+    )
+    parser.add_argument(
+        "--precision", choices=["auto", "float32", "bfloat16"], default=None,
+        help="trainer and engine precision (default: the demo's, auto)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shared-prefix", type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=None,
+        help="model.shared_prefix in the fitted steps (default: the demo's); the layout rows measure both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layout-rounds", type=int, default=3, help="interleaved rounds of the layout timing"
     )
     parser.add_argument("--repeats", type=int, default=1, help="plain vLLM calls per caching setting (best)")
     parser.add_argument("--sync-repeats", type=int, default=3, help="extra weight pushes (median)")

@@ -25,6 +25,7 @@ from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataMod
 from lit_dash.data.packing import PAD, PackedLayout, pack_groups, packed_layout, shared_prefix_problem
 from lit_dash.engines import SamplingConfig
 from lit_dash.engines.base import Completion
+from lit_dash.training import prefix_attention
 from lit_dash.training.policy import completion_logprobs
 
 CPU = torch.device("cpu")
@@ -127,12 +128,18 @@ def _worst_grad(a: dict, b: dict) -> float:
     return max(float((a[n] - b[n]).abs().max() / a[n].abs().max().clamp_min(1e-30)) for n in a)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("implementation", ["split", "sdpa", "eager"])
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_packed_logprobs_and_gradients_equal_the_per_row_ones_in_fp32(tiny_model_path, implementation, chunk):
+    """split: lit_dash's split attention (installed over SDPA: per-row rows run SDPA); sdpa / eager: the
+    dense 4-D mask."""
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_model_path, dtype=torch.float32, attn_implementation=implementation
+        tiny_model_path,
+        dtype=torch.float32,
+        attn_implementation="eager" if implementation == "eager" else "sdpa",
     )
+    if implementation == "split":
+        assert prefix_attention.install(model) and model.config._attn_implementation == prefix_attention.NAME
     prompts, comps = _random_groups(model.config.vocab_size)
     rows = list(range(len(comps)))
     mb = pad_completions(rows, prompts, comps, torch.randn(len(rows)), 0, 0.7, shared_prefix=True)
@@ -172,6 +179,54 @@ def test_a_wrong_mask_or_wrong_positions_change_the_logprobs(tiny_fp32, how):
     assert _worst_grad(row_grads, grads) > 1e-3
 
 
+def test_the_split_attention_equals_sdpa_with_the_dense_mask():
+    """On random queries, keys and values (grouped-query: 6 heads over 2 key/value heads), every real
+    position's output is the dense-mask SDPA's; a plan whose completions see the whole row is not."""
+    torch.manual_seed(0)
+    prompts, comps = _random_groups(1000, seed=2)
+    rows = list(range(len(comps)))
+    lay = packed_layout(
+        rows,
+        {r: c.prompt_index for r, c in enumerate(comps)},
+        prompts,
+        {r: c.token_ids for r, c in enumerate(comps)},
+        0,
+    )
+    r, w = lay.input_ids.shape
+    q, k, v = torch.randn(r, 6, w, 8), torch.randn(r, 2, w, 8), torch.randn(r, 2, w, 8)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=lay.allowed()
+    ).transpose(1, 2)
+    real = lay.segments != PAD
+    plan = prefix_attention.split_plan(lay, CPU)
+    out, _ = prefix_attention.split_attention(None, q, k, v, None, **{prefix_attention.PLAN_KEYWORD: plan})
+    assert out.shape == dense.shape and torch.allclose(out[real], dense[real], atol=1e-6)
+    assert torch.count_nonzero(out[~real]) == 0
+    plan.key_mask = torch.ones_like(plan.key_mask)  # the control: completions see padding and each other
+    wrong, _ = prefix_attention.split_attention(None, q, k, v, None, **{prefix_attention.PLAN_KEYWORD: plan})
+    assert (wrong[real] - dense[real]).abs().max() > 1e-2
+
+
+def test_a_model_with_the_split_attention_runs_padded_rows_as_sdpa(tiny_model_path):
+    """Without a plan (per-row micro-batches, evaluation) the installed attention is SDPA, its padding
+    mask included: left-padded rows give the same last-position logits."""
+    sdpa = AutoModelForCausalLM.from_pretrained(
+        tiny_model_path, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    split = AutoModelForCausalLM.from_pretrained(
+        tiny_model_path, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    prefix_attention.install(split)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        a = sdpa(input_ids=ids, attention_mask=mask).logits[:, -1]
+        b = split(input_ids=ids, attention_mask=mask).logits[:, -1]
+        unmasked = split(input_ids=ids).logits[:, -1]  # the control: padding attended
+    assert torch.allclose(a, b, atol=1e-5)
+    assert (unmasked[0] - a[0]).abs().max() > 1e-3
+
+
 def test_packed_bf16_is_as_close_to_fp32_as_per_row_bf16(tiny_fp32):
     """bf16 autocast: the packed rows' log-probs are no farther from the fp32 ones than the per-row rows'
     (each within 2x the other's error, plus a bf16 step), the gradient direction the same."""
@@ -209,7 +264,7 @@ def test_an_attention_that_cannot_take_the_mask_is_named(tiny_model_path):
 def test_the_module_warns_and_runs_per_row_where_the_model_cannot_take_the_mask(tiny_model_path):
     module = ParityRewardModule(model="tiny-llama", precision="float32", shared_prefix=True)
     module.configure_model()
-    assert module.packed_forward()
+    assert module.packed_forward() and module.policy.config._attn_implementation == prefix_attention.NAME
     module.policy.config._attn_implementation = "flash_attention_2"
     module._packs_policy = None
     with pytest.warns(UserWarning, match="shared_prefix is off for this model.*flash_attention_2"):

@@ -22,8 +22,9 @@ import torch
 
 __all__ = ["PACKED_ATTENTION", "PackedLayout", "pack_groups", "packed_layout", "shared_prefix_problem"]
 
-# attention implementations that take a custom 4-D mask through transformers' model forward
-PACKED_ATTENTION = ("sdpa", "eager")
+# attention implementations that run packed rows: a custom 4-D mask through transformers' SDPA or eager,
+# and lit_dash's split attention (lit_dash/training/prefix_attention.py, installed over SDPA)
+PACKED_ATTENTION = ("sdpa", "eager", "lit_dash_shared_prefix")
 PAD, PROMPT = -1, 0  # segment ids: padding, the prompt; completions are 1..k in their row
 
 
@@ -77,15 +78,11 @@ class PackedLayout:
             return mask.masked_fill(~allowed, torch.finfo(torch.float32).min)
         raise ValueError(shared_prefix_problem_text(implementation))
 
-    def to(self, device: torch.device) -> PackedLayout:
-        return PackedLayout(*(t.to(device) for t in (self.input_ids, self.position_ids, self.segments,
-                                                      self.hidden_index)))  # fmt: skip
-
 
 def shared_prefix_problem_text(implementation: str) -> str:
     return (
         f"model.shared_prefix packs a group's completions behind one prompt with a custom 4-D attention mask, "
-        f"which attention implementation {implementation!r} cannot take (it takes {PACKED_ATTENTION}): load "
+        f"which attention implementation {implementation!r} cannot take (it takes sdpa or eager): load "
         "the model with attn_implementation='sdpa', or set model.init_args.shared_prefix: false"
     )
 

@@ -21,6 +21,7 @@ from lit_dash.data.batches import MicroBatch
 from lit_dash.data.packing import shared_prefix_problem
 from lit_dash.hardware import resolve_dtype
 from lit_dash.lora import apply_lora, is_lora, merged_model, parameter_bytes
+from lit_dash.training import prefix_attention
 from lit_dash.training.bf16_cells import dither_within_bf16_cells
 
 
@@ -43,12 +44,14 @@ def completion_hidden(
     targets = ids[:, 1:][positions]
     layout = mb.packed if packed else None
     if layout is not None:
-        mask = layout.attention_mask(model.config._attn_implementation, device)
+        implementation = model.config._attn_implementation
+        if implementation == prefix_attention.NAME:  # the split attention: no mask, a plan
+            attend = {prefix_attention.PLAN_KEYWORD: prefix_attention.split_plan(layout, device)}
+        else:  # SDPA or eager with the dense 4-D mask
+            attend = {"attention_mask": layout.attention_mask(implementation, device)}
         with autocast(dtype, device):
             hidden = model.get_decoder()(
-                input_ids=layout.input_ids.to(device),
-                position_ids=layout.position_ids.to(device),
-                attention_mask=mask,
+                input_ids=layout.input_ids.to(device), position_ids=layout.position_ids.to(device), **attend
             ).last_hidden_state
         return hidden.flatten(0, 1)[layout.hidden_index.to(device)], targets
     with autocast(dtype, device):
@@ -205,6 +208,10 @@ class PolicyModels(L.LightningModule):
                 with_reference=self.kl_coef > 0,
                 dither_seed=(self.seed or 0) if self._bf16_dither() else None,
             )
+            if self.shared_prefix:  # packed rows attend through the split attention where the model is SDPA
+                for model in (self.policy, self.reference):
+                    if model is not None:
+                        prefix_attention.install(model)
 
     def _bf16_dither(self) -> bool:
         """model.bf16_dither, or (null) whether a bf16 copy computes with these weights: the trainer's
