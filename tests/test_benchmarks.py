@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from figures import drawn_colours
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,20 +45,6 @@ def test_dash_vs_grpo_reports_table_plot_and_ratio(tmp_path):
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # its IHDR
     assert width >= 600 and height >= 300, (width, height)
     assert drawn_colours(out / "dash_vs_grpo.png") >= 4  # bars in several phase colours, not a blank page
-
-
-def drawn_colours(path: Path) -> int:
-    """How many colours (other than white and greys) cover at least 0.1% of a PNG: bars and lines drawn in
-    colour. A figure that saved only its frame has none."""
-    import matplotlib.image
-    import numpy as np
-
-    rgb = (matplotlib.image.imread(str(path))[..., :3] * 255).round().astype(np.int64).reshape(-1, 3)
-    coloured = rgb[rgb.max(axis=1) - rgb.min(axis=1) > 24]  # grey and white have equal channels
-    values, counts = np.unique(
-        coloured[:, 0] * 65536 + coloured[:, 1] * 256 + coloured[:, 2], return_counts=True
-    )
-    return int((counts >= 0.001 * len(rgb)).sum())
 
 
 def test_drawn_colours_tells_a_drawn_figure_from_an_empty_one(tmp_path):
