@@ -3,13 +3,15 @@ WORLD_SIZE, LOCAL_RANK and MASTER_* in the environment, so Lightning starts no p
 
 Each rank runs three short fits on one vLLM engine (started by the first fit's data module):
 A: two steps, a checkpoint after each; B: resumed from A's step-1 checkpoint to step 2; C: the same,
-from a copy of that checkpoint with the two ranks' RNG states swapped (the negative control). It writes
-each fit's step-2 completions (token ids) to ``<out>/rank<r>.json``.
+from a copy of that checkpoint with the two ranks' RNG states swapped (the negative control); D: two steps
+where only rank 1's loss is not finite at step 1. It writes each fit's completions (token ids) by step,
+and D's weight checksums and skip counter by step, to ``<out>/rank<r>.json``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,8 +35,43 @@ class Completions(L.Callback):
         self.by_step[trainer.global_step] = [list(c.token_ids) for c in pl_module.last_rollout.completions]
 
 
-def run(out: Path, engine=None, ckpt_path: str | None = None, checkpoint_dir: Path | None = None):
-    module = ParityRewardModule(model="tiny-llama", lr=1e-3, precision="float32", seed=0)
+class RankOneInfiniteLossAtStep1(ParityRewardModule):
+    """Rank 1's loss value is infinite at step 1 while its gradient stays finite: only rank 1 sees a
+    non-finite step (a gradient would be averaged into rank 0's too)."""
+
+    def micro_batch_loss(self, *args, **kwargs):
+        loss, stats = super().micro_batch_loss(*args, **kwargs)
+        if self.global_rank == 1 and self.global_step == 1:
+            stats["loss"] = math.inf
+        return loss, stats
+
+
+class Checksums(L.Callback):
+    """Each step's weight checksum (sum and position-weighted sum, float64) and the skip counter."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, list[float]] = {}
+
+    def _keep(self, step: int, module) -> None:
+        flat = torch.cat([p.detach().double().flatten() for p in module.policy.parameters()])
+        weighted = float((flat * torch.arange(1, len(flat) + 1, dtype=torch.float64)).sum())
+        self.by_step[step] = [float(flat.sum()), weighted, module.nonfinite_steps]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._keep(trainer.global_step, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._keep(trainer.global_step, pl_module)
+
+
+def run(
+    out: Path,
+    engine=None,
+    ckpt_path: str | None = None,
+    checkpoint_dir: Path | None = None,
+    module_class=ParityRewardModule,
+):
+    module = module_class(model="tiny-llama", lr=1e-3, precision="float32", seed=0)
     data = RolloutDataModule(
         train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=40),
         eval_sets={},
@@ -46,8 +83,8 @@ def run(out: Path, engine=None, ckpt_path: str | None = None, checkpoint_dir: Pa
         engine=EngineConfig(kind="vllm", kv_cache_gib=0.25, dtype="float32"),
     )
     data.engine = engine
-    completions = Completions()
-    callbacks = [completions]
+    completions, checksums = Completions(), Checksums()
+    callbacks = [completions, checksums]
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=1, save_top_k=-1))
     trainer = L.Trainer(
@@ -64,20 +101,21 @@ def run(out: Path, engine=None, ckpt_path: str | None = None, checkpoint_dir: Pa
         callbacks=callbacks,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return data.engine, completions.by_step
+    return data.engine, completions.by_step, checksums.by_step
 
 
 def main(out: Path) -> None:
     rank = int(os.environ["RANK"])
-    engine, a = run(out, checkpoint_dir=out / "ckpt")
+    engine, a, _ = run(out, checkpoint_dir=out / "ckpt")
     step1 = out / "ckpt" / "epoch=0-step=1.ckpt"
-    _, b = run(out, engine, ckpt_path=str(step1))
+    _, b, _ = run(out, engine, ckpt_path=str(step1))
     swapped = torch.load(step1, weights_only=False)
     swapped["lit_dash"]["rng"] = swapped["lit_dash"]["rng"][::-1]
     own_copy = out / f"swapped.rank{rank}.ckpt"  # each rank its own file: no barrier needed
     torch.save(swapped, own_copy)
-    _, c = run(out, engine, ckpt_path=str(own_copy))
-    record = {"A": a, "B": b, "C": c}
+    _, c, _ = run(out, engine, ckpt_path=str(own_copy))
+    _, _, d = run(out, engine, module_class=RankOneInfiniteLossAtStep1)
+    record = {"A": a, "B": b, "C": c, "D": d}
     (out / f"rank{rank}.json").write_text(
         json.dumps({k: {str(s): v for s, v in r.items()} for k, r in record.items()})
     )

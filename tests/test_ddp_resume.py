@@ -3,7 +3,8 @@
 ranks, then the control, a resume from a copy of that checkpoint with the ranks' RNG states swapped.
 
 The resumed step 2 samples, on each rank, exactly the completions the uninterrupted step 2 sampled; with
-the states swapped neither rank does. (One process resuming a two-rank checkpoint, and its warning, is in
+the states swapped neither rank does. In the same launch, a step whose loss is not finite on rank 1 only
+is skipped by both ranks. (One process resuming a two-rank checkpoint, and its warning, is in
 tests/test_auto_size_and_nan_gradient.py.)"""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_each_rank_resumes_its_own_random_stream(tmp_path):
+def test_each_rank_resumes_its_own_random_stream_and_all_ranks_skip_together(tmp_path):
     port = str(_free_port())
     env = {
         **os.environ,
@@ -67,3 +68,11 @@ def test_each_rank_resumes_its_own_random_stream(tmp_path):
         assert run["B"]["2"] == run["A"]["2"], f"rank {rank}: the resumed step 2 sampled other completions"
         assert run["C"]["2"] != run["A"]["2"], f"rank {rank}: the other rank's RNG state gave the same ones"
     assert runs[0]["A"]["2"] != runs[1]["A"]["2"]  # the ranks sample their own prompts and streams
+
+    # fit D: only rank 1's step-1 loss is infinite (its gradient, all-reduced, is finite): every rank
+    # skips that step together, so the ranks hold the same weights after every step
+    zero, one = (run["D"] for run in runs)
+    assert sorted(zero) == sorted(one) == ["0", "1", "2"]
+    assert zero == one, "the ranks' weights or skip counters parted"
+    assert zero["1"][:2] != zero["0"][:2], "control: the finite step 0 moved the weights"
+    assert zero["2"] == [*zero["1"][:2], 1], "step 1 changed no weight and was counted on every rank"
