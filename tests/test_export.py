@@ -50,8 +50,11 @@ def _callback(trainer, kind):
 
 
 def _sequence_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Each token's log-prob after its prefix under ``model`` (on whatever device it is: the hf engine's
+    model is on the GPU where there is one), returned on the CPU."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits.float()[0, :-1]
+        logits = model(torch.tensor([ids], device=device)).logits.float()[0, :-1].cpu()
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
 
 
