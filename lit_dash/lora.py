@@ -190,12 +190,17 @@ def peft_model_from_checkpoint(checkpoint: Mapping[str, Any]) -> torch.nn.Module
     )
     policy = apply_lora(base, hparams["lora"])
     adapters = {k.removeprefix("policy."): v for k, v in checkpoint["state_dict"].items()}
+    own = policy.state_dict()
     missing = {n for n, p in policy.named_parameters() if p.requires_grad} - set(adapters)
-    unexpected = set(adapters) - set(policy.state_dict())
-    if missing or unexpected:
+    unexpected = set(adapters) - set(own)
+    # another rank: the same names, other shapes (torch's strict load would say only "size mismatch")
+    reshaped = sorted(k for k in set(adapters) & set(own) if adapters[k].shape != own[k].shape)
+    if missing or unexpected or reshaped:
+        shapes = [f"{k} {tuple(adapters[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:2]]
         raise ConfigError(
             f"the checkpoint's adapters do not fit model.lora {hparams['lora']}: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
+            + (f", other shapes (checkpoint vs config) {shapes}: is r the run's?" if reshaped else "")
         )
     policy.load_state_dict(adapters, strict=False)
     return policy

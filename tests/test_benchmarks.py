@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from figures import drawn_colours
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,12 +32,37 @@ def test_dash_vs_grpo_reports_table_plot_and_ratio(tmp_path):
     assert results["grpo"]["kept_fraction"] == 1.0  # no filtering in standard GRPO
     assert results["dash"]["filter_threshold"] == 0.1
     for r in results.values():
-        assert Path(r["timing_csv"]).is_file()
         assert sum(r["phases"].values()) == pytest.approx(r["total_s_per_step"], rel=1e-6)
+        # the timing CSV holds the one step the figures are the mean of (what TimingProfile wrote)
+        with open(r["timing_csv"]) as f:
+            (row,) = [{k: float(v) for k, v in line.items()} for line in csv.DictReader(f)]
+        assert row["step"] == 1.0
+        assert row["total"] == pytest.approx(r["total_s_per_step"], rel=1e-5)
+        assert {p: row[p] for p in r["phases"]} == pytest.approx(r["phases"], rel=1e-5, abs=1e-6)
+        assert row["generation"] > 0  # every setting samples (a tiny rollout may keep nothing to train)
     png = (out / "dash_vs_grpo.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a PNG with something drawn in it
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # its IHDR
     assert width >= 600 and height >= 300, (width, height)
+    assert drawn_colours(out / "dash_vs_grpo.png") >= 4  # bars in several phase colours, not a blank page
+
+
+def test_drawn_colours_tells_a_drawn_figure_from_an_empty_one(tmp_path):
+    """The negative control of the figure checks: an axes frame with a title counts no colour, the same
+    axes with two coloured bars count at least two."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.set_title("nothing drawn")
+    fig.savefig(tmp_path / "empty.png")
+    ax.bar([0, 1], [1, 2], color=["tab:blue", "tab:orange"])
+    fig.savefig(tmp_path / "bars.png")
+    plt.close(fig)
+    assert drawn_colours(tmp_path / "empty.png") == 0
+    assert drawn_colours(tmp_path / "bars.png") >= 2  # (their antialiased edges may add blends)
 
 
 def test_logprob_memory_benchmark_smoke(tmp_path):

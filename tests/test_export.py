@@ -50,8 +50,11 @@ def _callback(trainer, kind):
 
 
 def _sequence_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Each token's log-prob after its prefix under ``model`` (on whatever device it is: the hf engine's
+    model is on the GPU where there is one), returned on the CPU."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits.float()[0, :-1]
+        logits = model(torch.tensor([ids], device=device)).logits.float()[0, :-1].cpu()
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
 
 
@@ -137,33 +140,61 @@ def test_the_monitored_checkpoint_is_the_best_evaluated_step(fitted):
     assert completions[0] == completions[1]  # the same weights, greedy: the same completions
 
 
-def test_predict_and_test_subcommands_through_the_cli(fitted, tmp_path):
+def _checkpoint_policy(path: str, base_path: str):
+    """The policy a Lightning checkpoint holds, as a plain transformers model (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model.load_state_dict({k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")})
+    return model.eval()
+
+
+def test_validate_test_and_predict_serve_the_checkpoints_weights(fitted, tmp_path):
+    """``validate``, ``test`` and ``predict --ckpt_path`` (hf engine: no second vLLM start) generate with
+    the checkpoint's weights: the engine's model scores a sequence as the checkpoint's policy does (fp32,
+    1e-4), and the untrained weights, the negative control, are rejected by the same tolerance."""
+    from transformers import AutoModelForCausalLM
+
     cli, config = fitted
     last = str(Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+    base_path = cli.model.model_path()
+    trained = _checkpoint_policy(last, base_path)
+    untrained = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"question": "What is 2 + 3?", "answer": "5"}\n{"question": "What is 1 + 1?"}\n')
-    hf = [
-        "--data.engine.kind",
-        "hf",
-        "--data.engine.dtype",
-        "float32",
-        "--trainer.default_root_dir",
-        str(tmp_path),
+    hf = ["--data.engine.kind", "hf", "--data.engine.dtype", "float32"]
+
+    def run(subcommand: str, *extra: str):
+        root = ["--trainer.default_root_dir", str(tmp_path / subcommand)]
+        done = build_cli([subcommand, "--config", str(config), "--ckpt_path", last, *hf, *root, *extra])
+        engine = done.datamodule.engine
+        ids = engine.tokenizer("What is 3 + 4? The answer is 7.")["input_ids"]
+        served = _sequence_logprobs(engine.model, ids)
+        torch.testing.assert_close(served, _sequence_logprobs(trained, ids), atol=1e-4, rtol=0)
+        # two steps at lr 1e-4 move these log-probs by ~0.013: 10x the tolerance is a clear rejection
+        gap = float((served - _sequence_logprobs(untrained, ids)).abs().max())
+        assert gap > 1e-3, f"{subcommand}: the untrained weights would pass too (gap {gap:.1e})"
+        return done
+
+    predicted = run("predict", "--data.predict_file", str(prompts))
+    rows = [
+        json.loads(x)
+        for x in (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
     ]
-    run = build_cli(
-        ["predict", "--config", str(config), "--data.predict_file", str(prompts), "--ckpt_path", last, *hf]
-    )
-    rows = [json.loads(x) for x in (Path(run.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
     assert [r["question"] for r in rows] == ["What is 2 + 3?", "What is 1 + 1?"]
     assert rows[0]["reward"] == float(len(rows[0]["completion"]) % 2 == 0)  # the module's (parity) reward
     assert "reward" not in rows[1] and rows[1]["completion_tokens"] > 0
 
-    run = build_cli(["test", "--config", str(config), "--ckpt_path", last, *hf])
-    (scored,) = (Path(run.trainer.log_dir) / "eval").glob("arithmetic_test_step*.jsonl")
-    rewards = [json.loads(x)["reward"] for x in scored.read_text().splitlines()]
-    assert len(rewards) == len(cli.datamodule.evaluators["arithmetic"].problems)
-    accuracy = float(run.trainer.callback_metrics["test/arithmetic/accuracy"])
-    assert accuracy == pytest.approx(sum(rewards) / len(rewards))  # the logged figure is the rows' mean
+    # tiny.yaml's limit_val_batches: 0 keeps validation out of the fit; validate gets the whole set back
+    for subcommand, extra in (("test", ()), ("validate", ("--trainer.limit_val_batches", "1.0"))):
+        scored_run = run(subcommand, *extra)
+        (scored,) = (Path(scored_run.trainer.log_dir) / "eval").glob(f"arithmetic_{subcommand}_step*.jsonl")
+        rewards = [json.loads(x)["reward"] for x in scored.read_text().splitlines()]
+        assert len(rewards) == len(cli.datamodule.evaluators["arithmetic"].problems)
+        metric = "test/arithmetic/accuracy" if subcommand == "test" else "eval/arithmetic/accuracy"
+        accuracy = float(scored_run.trainer.callback_metrics[metric])
+        assert accuracy == pytest.approx(sum(rewards) / len(rewards))  # the logged figure is the rows' mean
 
 
 def test_independent_check_scores_the_export(fitted, tmp_path):
@@ -186,11 +217,22 @@ def test_independent_check_scores_the_export(fitted, tmp_path):
         timeout=300,
         env=env,
     )
-    assert out.exists(), f"{proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    plain = json.loads(out.read_text())["records"]
+    assert out.is_file(), f"{proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    report = json.loads(out.read_text())
+    plain, summary = report["records"], report["summary"]
     lit = [json.loads(line) for line in final.read_text().splitlines()]
     assert [r["prompt"] for r in plain] == [r["prompt"] for r in lit]  # instruction read from hparams.yaml
     assert [r["completion"] for r in plain] == [r["completion"] for r in lit]
+    assert [str(r["reference"]) for r in plain] == [r["reference"] for r in lit]
+    # the summary is its records' and the fit's: n, its accuracy, lit_dash's figure and the difference
+    assert summary["n"] == len(lit) and summary["checkpoint"] == str(log_dir / "export")
+    assert summary["accuracy"] == pytest.approx(sum(r["right"] for r in plain) / len(plain))
+    assert summary["lit_dash"]["step"] == 2 and summary["lit_dash"]["n"] == len(lit)
+    assert summary["lit_dash"]["accuracy"] == pytest.approx(sum(r["reward"] >= 1.0 for r in lit) / len(lit))
+    assert summary["difference"] == pytest.approx(summary["accuracy"] - summary["lit_dash"]["accuracy"])
+    # the tiny run's reward is the parity of the text, the check's is the answer: they may disagree, and
+    # the script exits 1 exactly when they differ by more than its 0.08 default tolerance
+    assert proc.returncode == int(abs(summary["difference"]) > 0.08), proc.stdout
     assert "lit_dash's evaluation at step 2" in proc.stdout
 
 

@@ -97,18 +97,45 @@ def test_only_adapters_train_and_the_reference_is_the_base_with_adapters_disable
     assert lora.parameter_bytes(base) == lora.parameter_bytes(module.policy, trainable=False)
 
 
-def test_gradient_checkpointing_still_reaches_the_adapters():
-    """LoRA + gradient checkpointing trains the adapters. (Reentrant checkpointing, the default of older
-    transformers, gives blocks behind a frozen embedding no gradient unless the input requires one, which
-    configure_model asks for; transformers 5 checkpoints non-reentrantly, so without that call the
-    gradients reach the adapters here too: measured, no negative control on this version.)"""
+def _adapter_grads_under_checkpointing(monkeypatch, reentrant: bool, input_grads: bool) -> list:
+    """The lora_B gradients of one backward through a LoRA policy with gradient checkpointing, the blocks
+    checkpointed reentrantly (the default of older transformers) or not, with or without
+    ``enable_input_require_grads`` (what configure_model calls under LoRA)."""
+    from transformers import PreTrainedModel
+
+    enable = PreTrainedModel.gradient_checkpointing_enable
+    monkeypatch.setattr(
+        PreTrainedModel,
+        "gradient_checkpointing_enable",
+        lambda self, **kw: enable(self, gradient_checkpointing_kwargs={"use_reentrant": reentrant}),
+    )
+    if not input_grads:
+        monkeypatch.setattr(PreTrainedModel, "enable_input_require_grads", lambda self: None)
     module = DashModule(model="tiny-llama", lora=SPEC, gradient_checkpointing=True)
     module.configure_model()
     module.policy.train()
     assert module.policy.base_model.model.model.gradient_checkpointing
-    module.policy(input_ids=IDS).logits.logsumexp(-1).sum().backward()
-    grads = [p.grad for n, p in module.policy.named_parameters() if "lora_B" in n]
-    assert grads and all(g is not None and g.abs().max() > 0 for g in grads)
+    logits = module.policy(input_ids=IDS).logits
+    if logits.requires_grad:
+        logits.logsumexp(-1).sum().backward()
+    return [p.grad for n, p in module.policy.named_parameters() if "lora_B" in n]
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_still_reaches_the_adapters(monkeypatch, reentrant):
+    """LoRA + gradient checkpointing trains the adapters, whichever checkpointing transformers uses.
+    Reentrant checkpointing (older transformers' default) gives the blocks behind the frozen embedding no
+    gradient unless the input requires one, which configure_model asks for (and peft 0.21's
+    get_peft_model too): with ``enable_input_require_grads`` made a no-op, the same reentrant run gives the
+    adapters no gradient (the negative control); transformers 5's non-reentrant default reaches them
+    either way."""
+    grads = _adapter_grads_under_checkpointing(monkeypatch, reentrant, input_grads=True)
+    assert len(grads) == 2 * 7 and all(g is not None and g.abs().max() > 0 for g in grads)
+    if reentrant:
+        monkeypatch.undo()
+        with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+            control = _adapter_grads_under_checkpointing(monkeypatch, reentrant, input_grads=False)
+        assert len(control) == 2 * 7 and all(g is None for g in control), "the input-grads call is needed"
 
 
 def test_the_push_is_the_hand_merged_weight_of_the_adapted_modules_only():

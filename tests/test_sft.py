@@ -102,7 +102,8 @@ def test_sft_demo_is_the_demo_with_other_classes(monkeypatch):
 
 
 def test_two_step_sft_fit_through_the_cli(tmp_path):
-    cli = build_cli(["fit", "--config", TINY_SFT, "--trainer.default_root_dir", str(tmp_path)])
+    fp32 = ["--model.init_args.precision", "float32", "--data.engine.dtype", "float32"]  # exact sync check
+    cli = build_cli(["fit", "--config", TINY_SFT, "--trainer.default_root_dir", str(tmp_path), *fp32])
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -140,10 +141,17 @@ def test_two_step_sft_fit_through_the_cli(tmp_path):
     ]
     assert len(changed) == len(list(initial.parameters())), "every weight should move"
 
-    # weight sync: the engine (which evaluation uses) scores a sequence as the trained policy does
+    # weight sync: the engine (which evaluation uses) scores a sequence as the trained policy does, in
+    # fp32 on both sides (1e-4: the tolerance the export test uses); the untrained model's log-probs, the
+    # negative control, are rejected by the same tolerance
     ids = dm.engine.tokenizer("What is 3 + 4? The answer is 7.")["input_ids"]
-    with torch.no_grad():
-        logits = module.policy(torch.tensor([ids])).logits.float()[0, :-1]
-    policy_lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
+    def sequence_logprobs(model) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits.float()[0, :-1]
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
     engine_lp = torch.tensor(dm.engine.sequence_logprobs([ids])[0])
-    torch.testing.assert_close(engine_lp, policy_lp, atol=0.15, rtol=0)
+    torch.testing.assert_close(engine_lp, sequence_logprobs(module.policy), atol=1e-4, rtol=0)
+    untrained_gap = float((engine_lp - sequence_logprobs(initial)).abs().max())
+    assert untrained_gap > 1e-2, f"the untrained weights would pass too (gap {untrained_gap:.1e})"
