@@ -160,7 +160,10 @@ def test_kl_scope_benchmark_reads_its_runs(tmp_path):
     ]
 
 
-PHASES = ("generation", "forward+backward", "forward+backward MFU", "weight sync", "checkpoint")
+PHASES = (
+    "generation", "forward+backward", "forward+backward MFU", "forward+backward, per row",
+    "forward+backward, shared prefix", "weight sync", "checkpoint",
+)  # fmt: skip
 
 
 def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
@@ -201,6 +204,15 @@ def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
             fb["bare_trained_tokens"] == fb["lit_dash_trained_tokens"] == fb["model_flops"]["trained_tokens"]
         )
         assert fb["bare_completion_tokens"] == fb["model_flops"]["completion_tokens"] > 0
+        # the layout rows: the same completions, each prompt once when packed (4 completions a group)
+        lay = fb["layouts"]
+        assert (
+            lay["completions"] == result["completions"]
+            and lay["tokens"]["per_row"] == fb["bare_trained_tokens"]
+        )
+        prompt_tokens = lay["tokens"]["per_row"] - fb["bare_completion_tokens"]  # each prompt 4 times
+        assert lay["tokens"]["shared_prefix"] == lay["tokens"]["per_row"] - prompt_tokens * 3 // 4 > 0
+        assert set(lay["seconds"]) == {"bare_per_row", "lit_dash_per_row", "lit_dash_shared_prefix"}
         assert 0 < fb["lit_dash_mfu"] <= 1 and 0 < fb["bare_mfu"] <= 1
         assert fb["matmul_peak"]["peak_gflops"] == max(fb["matmul_peak"]["gflops"].values())
         # the push is cast to the engine's dtype first: 2 bytes an element into a bf16 engine, 4 into fp32

@@ -322,6 +322,8 @@ def _fit_once(engine, shared_prefix: bool, knobs: dict):
 
     torch.manual_seed(0)  # the in-process engine samples from torch's generator: the same rollout twice
     fit(module, data, engine=engine, max_steps=module.steps_per_rollout, callbacks=[Record()])
+    # packed rows run the split attention (installed over SDPA); per-row runs keep SDPA
+    assert (module.policy.config._attn_implementation == prefix_attention.NAME) == shared_prefix
     return module.last_rollout, grads, stats
 
 
