@@ -94,6 +94,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
 
 
+@pytest.fixture(scope="module", name="engine")
+def tiny_engine_for_fits(tiny_engine, tiny_model_path):
+    """The session's fp32 tiny engine, for a module whose fits push their weights into it (each fit's
+    WeightSync pushes the policy's at its start): the engine gets the initial weights back after the
+    module, for the tests that read it untrained."""
+    from support import restore_engine_weights
+
+    yield tiny_engine
+    restore_engine_weights(tiny_engine, tiny_model_path)
+
+
 MONITOR = "eval/arithmetic/accuracy"
 PROBE_TEXT = "What is 3 + 4? The answer is 7."
 

@@ -202,4 +202,4 @@ class Gaps(L.Callback):
 def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """The largest difference between two gradients, each tensor's relative to ``b``'s largest entry."""
     assert a.keys() == b.keys(), set(a) ^ set(b)
-    return max(float((a[n] - b[n]).abs().max() / b[n].abs().max()) for n in b)
+    return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)) for n in b)
