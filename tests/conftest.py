@@ -106,7 +106,6 @@ def tiny_engine_for_fits(tiny_engine, tiny_model_path):
 
 
 MONITOR = "eval/arithmetic/accuracy"
-PROBE_TEXT = "What is 3 + 4? The answer is 7."
 
 
 @pytest.fixture(scope="session")
@@ -117,8 +116,8 @@ def tiny_cli_fit(tmp_path_factory, tiny_engine, tiny_model_path):
 
     The config adds to tiny.yaml: fp32 (trainer and engine), a StepCheckpoint every step keeping the best
     of ``MONITOR``, ExportModel, and CompletionSamples every step (2 samples); it is written to
-    ``config`` for later ``lit-dash`` runs. The fit trains into the shared engine: its log-probs of
-    ``probe_ids`` are recorded (``engine_logprobs``) and the engine then gets its initial weights back.
+    ``config`` for later ``lit-dash`` runs. The fit trains into the shared engine, which then gets its
+    initial weights back.
     """
     import yaml
     from support import TINY, restore_engine_weights, session_engine_for_the_cli
@@ -140,10 +139,6 @@ def tiny_cli_fit(tmp_path_factory, tiny_engine, tiny_model_path):
         with session_engine_for_the_cli(tiny_engine):
             cli = build_cli(["fit", "--config", str(path), "--trainer.default_root_dir", str(root)])
         assert cli.datamodule.engine is tiny_engine
-        probe_ids = tiny_engine.tokenizer(PROBE_TEXT)["input_ids"]
-        engine_logprobs = tiny_engine.sequence_logprobs([probe_ids])[0]
     finally:
         restore_engine_weights(tiny_engine, tiny_model_path)
-    return types.SimpleNamespace(
-        cli=cli, config=path, root=root, probe_ids=probe_ids, engine_logprobs=engine_logprobs
-    )
+    return types.SimpleNamespace(cli=cli, config=path, root=root)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _paths import REPO_ROOT, SHARED_DATA
+from _paths import REPO_ROOT
+from _paths import SHARED_DATA as SHARED_DATA  # re-exported: test modules take every path from here
 from fitting import fit
 
 from lit_dash.callbacks.weight_sync import WeightSync
@@ -25,8 +26,6 @@ REPO = REPO_ROOT
 TESTS = REPO / "tests"
 TINY = TESTS / "configs" / "tiny.yaml"  # two steps of the tiny random Llama through the CLI
 TINY_SFT = TESTS / "configs" / "tiny_sft.yaml"
-
-__all__ = ["REPO", "SHARED_DATA", "TESTS", "TINY", "TINY_SFT"]
 
 # rewards by row, for a rollout of 4 groups of 4: a constant group; [0, .5, .5, 1] whose middle two have
 # A = 0 exactly; two mixed groups. Threshold 0.1 drops exactly the 6 zero-advantage completions.

@@ -34,8 +34,8 @@ def test_a_bad_knob_is_refused_with_its_name(tmp_path):
 
 
 def test_two_step_fit_through_the_cli(tiny_cli_fit):
-    # float32 pinned (trainer and engine): the weight-push check below is exact only there, and `auto` is
-    # bf16 on a bf16-native machine
+    # float32 pinned (trainer and engine): the parity gap below is at rounding level only there, and `auto`
+    # is bf16 on a bf16-native machine
     cli = tiny_cli_fit.cli
     trainer, module = cli.trainer, cli.model
     assert trainer.global_step == 2
@@ -61,18 +61,15 @@ def test_two_step_fit_through_the_cli(tiny_cli_fit):
     assert len(gaps["train/engine_logprob_gap"]) == 2  # one per step
     assert all(0 <= gap < 1e-3 for _, gap in gaps["train/engine_logprob_gap"]), gaps  # threshold: 0.02
 
-    # WeightSync: after training, the engine scored a fixed sequence exactly as the trained policy does
-    # (recorded by the fixture before the shared engine got its initial weights back)
-    policy_lp = sequence_logprobs(module.policy, tiny_cli_fit.probe_ids)
-    engine_lp = torch.tensor(tiny_cli_fit.engine_logprobs)
-    torch.testing.assert_close(engine_lp, policy_lp, atol=2e-3, rtol=0)
+    # the engine served the policy's weights at every rollout (the gap of stale weights is 10x and more:
+    # test_parity.py); that it serves pushed weights exactly is test_engine_follows.py's, and that the
+    # final push reaches the last evaluation is test_export.py's (plain vLLM on the export, same text)
     from transformers import AutoModelForCausalLM
 
+    ids = cli.datamodule.engine.tokenizer("What is 3 + 4? The answer is 7.")["input_ids"]
     initial = AutoModelForCausalLM.from_pretrained(module.model_path(), dtype=torch.float32)
-    initial_lp = sequence_logprobs(initial, tiny_cli_fit.probe_ids)
-    assert (initial_lp - policy_lp).abs().max() > 1e-2, "two steps at lr 1e-4 should move the policy"
-    # negative control: the engine's log-probs are the trained weights', not the initial ones'
-    assert (initial_lp - engine_lp).abs().max() > 1e-2
+    moved = (sequence_logprobs(initial, ids) - sequence_logprobs(module.policy, ids)).abs().max()
+    assert moved > 1e-2, "two steps at lr 1e-4 should move the policy"
 
 
 @pytest.mark.parametrize("flag", ["--optimizer=Adam", "--lr_scheduler.class_path=StepLR", "--optimizer"])
