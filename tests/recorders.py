@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from support import sequence_logprobs
 
 PROBE_TEXT = "What is 3 + 4? The answer is 7."
 
@@ -59,9 +60,7 @@ class EngineProbe(L.Callback):
         self.done = True
         engine = trainer.datamodule.engine
         ids = engine.tokenizer(PROBE_TEXT)["input_ids"]
-        with torch.no_grad():
-            logits = pl_module.policy(torch.tensor([ids])).logits.float()[0, :-1]
-        policy = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+        policy = sequence_logprobs(pl_module.policy, ids)
         record = {
             "step": trainer.global_step,
             "ids": ids,

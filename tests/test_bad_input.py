@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
-from _paths import REPO_ROOT
+from support import REPO, TINY, cli_command, cli_env
 
 from lit_dash.cli import build_cli
 from lit_dash.data import datamodule as datamodule_module
@@ -18,8 +16,6 @@ from lit_dash.engines import SamplingConfig
 from lit_dash.errors import ConfigError, InputError, find_input_error
 from lit_dash.models import ModelNotFoundError, context_length
 from lit_dash.module import DashModule
-
-TINY = str(REPO_ROOT / "tests" / "configs" / "tiny.yaml")
 
 
 @pytest.fixture
@@ -35,7 +31,15 @@ def no_engine(monkeypatch):
 
 def _fit(tmp_path, *flags: str):
     return build_cli(
-        ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]"]
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.callbacks",
+            "[]",
+        ]
         + list(flags)
     )
 
@@ -184,7 +188,7 @@ def test_zero_limit_is_refused(tmp_path):
 def test_fit_reports_bad_input_before_any_engine_or_model(
     tmp_path, monkeypatch, no_engine, flags, error, match
 ):
-    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.chdir(REPO)
     with pytest.raises(error, match=match):
         _fit(tmp_path, *flags)
 
@@ -206,12 +210,12 @@ def test_knob_errors_are_found_behind_the_config_parser(tmp_path):
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     """The console entry point: the message alone on stderr, no traceback, exit status 2."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lit_dash.cli", "fit", "--config", TINY, "--data.group_size", "1"],
-        cwd=REPO_ROOT,
+        cli_command("fit", "--data.group_size", "1"),
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"},
+        env=cli_env(),
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -13,13 +13,11 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from support import TESTS, TINY, cli_env
 
 from lit_dash.callbacks import StepCheckpoint
 from lit_dash.callbacks.atomic_io import FAULT_ENV, AtomicCheckpointIO, is_complete, scan
 from lit_dash.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 _SAVE = """
 import sys, torch
@@ -30,7 +28,7 @@ AtomicCheckpointIO().save_checkpoint({"global_step": step, "w": torch.full((256,
 
 
 def _save_in_subprocess(step: int, path: Path, fault: str = "") -> int:
-    env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: fault}
+    env = cli_env(**{FAULT_ENV: fault})
     return subprocess.run(
         [sys.executable, "-c", _SAVE, str(step), str(path)], env=env, timeout=120
     ).returncode
@@ -103,7 +101,7 @@ def test_last_over_only_incomplete_files_is_an_error_naming_them_and_a_missing_f
 def test_the_cli_refuses_to_start_over_a_run_with_only_a_partial_checkpoint(tmp_path, capsys, monkeypatch):
     from lit_dash.cli import main
 
-    monkeypatch.syspath_prepend(str(REPO / "tests"))  # tiny_reward
+    monkeypatch.syspath_prepend(str(TESTS))  # tiny_reward
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / ".epoch=0-step=2.ckpt.partial-9").write_bytes(b"PK")
     args = ["fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"]

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
 from lit_dash.cli import check_config
 from lit_dash.module import DashModule
 from lit_dash.sft import SftModule
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its neighbours, as when run from there
 _spec = importlib.util.spec_from_file_location("compare_methods", REPO / "benchmarks" / "compare_methods.py")
 compare_methods = importlib.util.module_from_spec(_spec)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from support import REPO
 
 from lit_dash.cli import build_cli
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configs" / "paper" / "qwen05b_math_grpo.yaml")  # eval_max_new_tokens: ${.sampling...}
 
 

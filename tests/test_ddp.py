@@ -1,7 +1,8 @@
 """DDP through Lightning on the CPU (gloo): real ``lit_dash.cli`` runs with two ranks, each with its own
-vLLM engine and its own share of the prompts.
+vLLM engine and its own share of the prompts. One fit of four steps serves the first three claims:
 
-* one rank keeps nothing after filtering, yet both take the same optimizer steps and hold identical weights;
+* one rank keeps nothing after filtering (step 4), yet both take the same optimizer steps and hold
+  identical weights;
 * a DDP step equals the one-process step on the union of the ranks' rollouts (replayed here from each
   rank's dumped rollout, from the same initial weights): the same gradient, weights and logged scalars;
 * a rollout that no rank keeps anything of is a no-op step on every rank;
@@ -12,21 +13,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from support import cli_command, run_logged
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_dash.data.buffer import Rollout
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
-STEPS = 3  # the replayed run: step 1 keeps nothing on any rank, steps 2 and 3 train on both
+# the run: step 1 keeps nothing on any rank, steps 2 and 3 train on both, at step 4 rank 1 keeps nothing
+STEPS = 4
 EVAL_SET = "{arithmetic: {source: arithmetic, difficulty: add1, split: test, num_problems: 7}}"  # odd
 # fp32, two ranks: DDP sums the ranks' gradients in another order than one process accumulates them
 GRAD_RTOL = 1e-5  # of the gradient's largest entry
@@ -39,13 +37,8 @@ def _records(path: Path) -> list[dict]:
 
 def _lit_dash(tmp_path: Path, subcommand: str, *args: str, name: str) -> None:
     """``lit_dash.cli <subcommand>`` on the tiny config with two CPU ranks (gloo)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "lit_dash.cli",
+    cmd = cli_command(
         subcommand,
-        "--config",
-        str(TINY),
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",
@@ -57,59 +50,25 @@ def _lit_dash(tmp_path: Path, subcommand: str, *args: str, name: str) -> None:
         "--data.engine.kv_cache_gib",
         "0.25",
         *args,
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    log = tmp_path / f"{name}.log"
-    with log.open("w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400)
-    assert proc.returncode == 0, log.read_text()[-4000:]
-
-
-def test_two_ranks_stay_in_step_when_one_keeps_nothing(tmp_path):
-    _lit_dash(
-        tmp_path,
-        "fit",
-        "--model.class_path",
-        "tiny_reward.RankOneKeepsNothing",
-        "--trainer.max_steps",
-        "2",
-        "--data.filter_threshold",
-        "0.1",
-        "--trainer.callbacks+=recorders.WeightChecksum",
-        f"--trainer.callbacks.path={tmp_path}/weights",
-        "--trainer.callbacks+=recorders.PromptLog",
-        f"--trainer.callbacks.path={tmp_path}/prompts",
-        name="fit",
     )
-    rank0, rank1 = (_records(tmp_path / f"weights.rank{r}.jsonl") for r in (0, 1))
-    assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == [1, 2]
-    assert all(r["kept"] == 0 and r["micro_batches"] == 0 for r in rank1), "rank 1's rewards are constant"
-    assert all(r["kept"] > 0 for r in rank0), "rank 0's parity reward gives mixed groups"
-    assert rank1[-1]["skipped_steps"] == 0, "rank 0 kept completions: not a no-op step for anyone"
-    for a, b in zip(rank0, rank1, strict=True):  # identical weights after every step ...
-        assert a["sum"] == b["sum"] and a["weighted"] == b["weighted"], (a, b)
-    assert rank1[0]["weighted"] != rank1[1]["weighted"], "... and rank 1 moved with rank 0's gradient"
-
-    prompts0, prompts1 = (_records(tmp_path / f"prompts.rank{r}.jsonl") for r in (0, 1))
-    seen0 = {i for r in prompts0 for i in r["ids"]}
-    seen1 = {i for r in prompts1 for i in r["ids"]}
-    assert seen0 and seen1 and not seen0 & seen1, "each rank draws from its own share of the prompts"
+    run_logged(cmd, tmp_path / f"{name}.log")
 
 
-# ---- the replay: one process on the union of the ranks' rollouts ------------------------------------
+# ---- the one DDP fit (four steps), and its replay: one process on the union of the ranks' rollouts ----
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
-    """Two ranks, three steps of the parity reward with filtering (the ranks keep different numbers of
-    completions); every rank's first rollout scores 0 everywhere, so no rank keeps anything of it. No
-    gradient clipping: it would rescale both sides alike and hide a wrong normaliser."""
+    """Two ranks, four steps of the parity reward with filtering (the ranks keep different numbers of
+    completions); every rank's first rollout scores 0 everywhere, so no rank keeps anything of it, and
+    rank 1's fourth scores 0, so rank 1 alone keeps nothing. No gradient clipping: it would rescale both
+    sides alike and hide a wrong normaliser."""
     tmp_path = tmp_path_factory.mktemp("ddp_replay")
     _lit_dash(
         tmp_path,
         "fit",
         "--model.class_path",
-        "tiny_reward.FirstRolloutKeepsNothing",
+        "tiny_reward.NoRankThenRankOneKeepsNothing",
         "--model.max_grad_norm",
         "null",
         "--model.precision",
@@ -124,9 +83,31 @@ def ddp_run(tmp_path_factory) -> Path:
         EVAL_SET,
         "--trainer.callbacks+=recorders.RolloutDump",
         f"--trainer.callbacks.path={tmp_path}/dump",
+        "--trainer.callbacks+=recorders.WeightChecksum",
+        f"--trainer.callbacks.path={tmp_path}/weights",
+        "--trainer.callbacks+=recorders.PromptLog",
+        f"--trainer.callbacks.path={tmp_path}/prompts",
         name="fit",
     )
     return tmp_path
+
+
+def test_two_ranks_stay_in_step_when_one_keeps_nothing(ddp_run):
+    rank0, rank1 = (_records(ddp_run / f"weights.rank{r}.jsonl") for r in (0, 1))
+    assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == list(range(1, STEPS + 1))
+    alone0, alone1 = rank0[-1], rank1[-1]  # step 4: rank 1 scored every completion 0
+    assert alone1["kept"] == 0 and alone1["micro_batches"] == 0, "rank 1's rewards are constant"
+    assert alone0["kept"] > 0, "rank 0's parity reward gives mixed groups"
+    # only step 1 (no rank kept anything) was a no-op; rank 0 kept completions at step 4, so not there
+    assert alone0["skipped_steps"] == alone1["skipped_steps"] == 1
+    for a, b in zip(rank0, rank1, strict=True):  # identical weights after every step ...
+        assert a["sum"] == b["sum"] and a["weighted"] == b["weighted"], (a, b)
+    assert rank1[-2]["weighted"] != alone1["weighted"], "... and rank 1 moved with rank 0's gradient"
+
+    prompts0, prompts1 = (_records(ddp_run / f"prompts.rank{r}.jsonl") for r in (0, 1))
+    seen0 = {i for r in prompts0 for i in r["ids"]}
+    seen1 = {i for r in prompts1 for i in r["ids"]}
+    assert seen0 and seen1 and not seen0 & seen1, "each rank draws from its own share of the prompts"
 
 
 def _rollout(run: Path, rank: int, step: int) -> Rollout:
@@ -251,7 +232,7 @@ def test_a_rollout_no_rank_keeps_anything_of_is_a_no_op_step_everywhere(ddp_run)
     assert all(_rollout(ddp_run, r, 1).num_kept == 0 for r in (0, 1)), "the first rollout scores 0 everywhere"
     assert all(_rollout(ddp_run, r, 2).num_kept > 0 for r in (0, 1)), "later ones are parity-rewarded"
     skipped = dict(read_scalars(ddp_run, "train/skipped_steps")["train/skipped_steps"])
-    assert skipped == {0: 1.0, 1: 1.0, 2: 1.0}, "one skipped step, the one taken on nothing"
+    assert skipped == dict.fromkeys(range(STEPS), 1.0), "one skipped step, the one taken on nothing"
     initial = _initial_weights()
     after_first = torch.load(ddp_run / "dump.step1.weights.pt")
     assert all(torch.equal(after_first[n], initial[n]) for n in initial), "bit-equal to the initial weights"
@@ -292,8 +273,10 @@ def test_logged_train_scalars_are_the_worlds(ddp_run, replays):
     for step, replayed in enumerate(union.logged):
         ddp = {tag: dict(points)[step] for tag, points in logged.items() if step in dict(points)}
         assert set(replayed) == set(ddp), set(replayed) ^ set(ddp)
-        # a no-op step's parity probe: each rank's in DDP, one of them in the union
-        skip = {"train/engine_logprob_gap", "train/engine_logprob_gap_max"} if step == 0 else set()
+        # a rank that keeps nothing measures parity on its probe in DDP; the union has micro-batches (or,
+        # at a no-op step, one rank's probe)
+        keeps_nothing = any(_rollout(ddp_run, r, step + 1).num_kept == 0 for r in (0, 1))
+        skip = {"train/engine_logprob_gap", "train/engine_logprob_gap_max"} if keeps_nothing else set()
         for tag in sorted(set(replayed) - skip):
             assert ddp[tag] == pytest.approx(replayed[tag], rel=1e-5, abs=1e-6, nan_ok=True), (step, tag)
         both = [_rollout(ddp_run, r, step + 1) for r in (0, 1)]  # by hand, from the dumped rollouts

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from test_parity import restore_engine_weights
+from support import restore_engine_weights
 from transformers import AutoModelForCausalLM
 
 from lit_dash.engines import SamplingConfig

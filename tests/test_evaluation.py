@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _paths import SHARED_DATA
+from support import SHARED_DATA
 
 from lit_dash.data.records import Problem
 from lit_dash.evaluation import Evaluator, format_results, summarize

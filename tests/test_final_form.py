@@ -12,8 +12,8 @@ import logging
 import re
 
 import pytest
-from _paths import SHARED_DATA
 from math_verify import parse
+from support import SHARED_DATA
 
 from lit_dash.data.sources import load_gsm8k, load_math500
 from lit_dash.rewards import math_rewards, math_verdicts

@@ -11,7 +11,6 @@ import torch
 from fitting import fit
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from tiny_reward import ParityRewardModule
-from transformers import AutoModelForCausalLM
 
 from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
 from lit_dash.engines import SamplingConfig
@@ -44,12 +43,6 @@ class ClipProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.logged_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
-
-
-@pytest.fixture
-def engine(tiny_engine, tiny_model_path):
-    yield tiny_engine
-    tiny_engine.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict().items())
 
 
 def _fit(engine, max_grad_norm: float | None) -> ClipProbe:

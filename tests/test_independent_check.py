@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO, cli_env, restore_engine_weights, session_engine_for_the_cli
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "independent_check.py"
 
 
@@ -96,12 +96,16 @@ def _short_demo(root: Path) -> Path:
     return path
 
 
-def test_plain_vllm_on_the_final_checkpoint_agrees_with_lit_dash(tmp_path):
+def test_plain_vllm_on_the_final_checkpoint_agrees_with_lit_dash(tmp_path, smollm2_engine, smollm2_path):
     from lit_dash.callbacks import MathEvaluation, RewardAudit
     from lit_dash.cli import build_cli
 
     start = time.perf_counter()
-    cli = build_cli(["fit", "--config", str(_short_demo(tmp_path))])
+    try:  # the fit runs on the session's fp32 135M engine (no second one), which gets its weights back
+        with session_engine_for_the_cli(smollm2_engine):
+            cli = build_cli(["fit", "--config", str(_short_demo(tmp_path))])
+    finally:
+        restore_engine_weights(smollm2_engine, smollm2_path)
     trainer = cli.trainer
     assert trainer.global_step == STEPS
     assert cli.model.hparams.require_final_form  # the demo's reward is the strict one
@@ -130,6 +134,7 @@ def test_plain_vllm_on_the_final_checkpoint_agrees_with_lit_dash(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env=cli_env(),
     )
     assert out.exists(), (
         f"independent_check.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"

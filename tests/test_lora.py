@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 from fitting import fit
-from test_parity import NoSync, _fit, restore_engine_weights
+from support import NoSync, restore_engine_weights
+from support import parity_fit as _fit
 from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from numerics import assert_tensors_near, fp32_sum_error
+from support import NEUTRAL, worst
 
 from lit_dash.data.buffer import RolloutBuffer, pad_micro_batch
 from lit_dash.data.records import Problem
@@ -98,8 +99,8 @@ def test_step_loss_does_not_depend_on_the_micro_batch_split(tiny_engine, loss_ag
     for name, g in grads_whole.items():
         torch.testing.assert_close(grads_split[name], g, rtol=rtol, atol=atol)
     _, grads_local = _grads_for(module, split, local=True)
-    worst = max(float((grads_local[n] - g).abs().max()) for n, g in grads_whole.items())
-    assert worst > 10 * atol, "local denominators should change the step's gradient"
+    largest = max(float((grads_local[n] - g).abs().max()) for n, g in grads_whole.items())
+    assert largest > 10 * atol, "local denominators should change the step's gradient"
 
 
 def test_reference_model_is_loaded_only_with_kl():
@@ -172,8 +173,6 @@ def test_optimizer_steps_per_rollout(kwargs, steps, slices):
     assert module.steps_per_rollout == steps and module.rollout_slices == slices
 
 
-# rewards by row: a constant group; [0, .5, .5, 1] whose middle two have A = 0 exactly; two mixed groups
-NEUTRAL = [1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 NEUTRAL_PROBLEMS = PROBLEMS + [Problem(question="What is 9 + 2?", answer="11", source_id="t:9")]
 
 
@@ -214,12 +213,10 @@ def test_dropping_zero_advantage_rows_leaves_the_gradient_as_it_was(tiny_engine,
     assert torch.all(off.advantages[~on.kept] == 0)
     grads_off, grads_on = _step_grads(module, off), _step_grads(module, on)
     assert sum(float(g.abs().sum()) for g in grads_off.values()) > 0
-    worst = max(
-        float((grads_on[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)) for n, g in grads_off.items()
-    )
-    print(f"[neutrality {loss_agg}] max relative difference filter on vs off: {worst:.2e}")
+    difference = worst(grads_on, grads_off)
+    print(f"[neutrality {loss_agg}] max relative difference filter on vs off: {difference:.2e}")
     # another micro-batch split reorders fp32 sums whose longest runs over the vocabulary (tests/numerics.py)
-    assert worst < 2 * fp32_sum_error(VOCAB)
+    assert difference < 2 * fp32_sum_error(VOCAB)
     assert_tensors_near(grads_on, grads_off, VOCAB)
 
     module.hparams.normalize_over = "kept"  # the negative control: denominators count the 10 kept rows only

@@ -8,8 +8,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from _paths import SHARED_DATA
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support import SHARED_DATA
 
 from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
 from lit_dash.data.sources import load_problems

@@ -4,47 +4,18 @@ the wrong temperature, shows a gap many times larger, and the guard stops the ru
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from fitting import fit
+from support import PARITY_TEMPERATURE as TEMPERATURE
+from support import Gaps, NoSync, restore_engine_weights
+from support import parity_fit as _fit
 from tiny_reward import ParityRewardModule
-from transformers import AutoModelForCausalLM
 
 from lit_dash import losses
-from lit_dash.callbacks.weight_sync import WeightSync
 from lit_dash.data.buffer import RolloutBuffer
-from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
 from lit_dash.data.records import Problem
 from lit_dash.engines import SamplingConfig
 from lit_dash.module import EngineParityError
-
-TEMPERATURE = 1.3
-
-
-def restore_engine_weights(engine, path: str) -> None:
-    """Push the weights on disk back into a shared engine (after a test trained into it)."""
-    engine.load_weights(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict().items())
-
-
-class Gaps(L.Callback):
-    """Each step's logged gap."""
-
-    def __init__(self) -> None:
-        self.mean: list[float] = []
-        self.max: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.mean.append(float(trainer.callback_metrics["train/engine_logprob_gap"]))
-        self.max.append(float(trainer.callback_metrics["train/engine_logprob_gap_max"]))
-
-
-class NoSync(WeightSync):
-    """A weight sync that never pushes anything: the engine keeps the weights it started with."""
-
-    def sync(self, trainer, pl_module) -> float:
-        self.synced_step = trainer.global_step
-        return 0.0
 
 
 class PerturbedPolicy(ParityRewardModule):
@@ -65,20 +36,6 @@ class NothingKept(PerturbedPolicy):
 
     def reward(self, completions, problems):
         return [0.0] * len(completions)
-
-
-def _fit(engine, module, callbacks, steps: int = 2, filter_threshold: float | None = None) -> L.Trainer:
-    data = RolloutDataModule(
-        train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=16),
-        prompts_per_rollout=4,
-        group_size=4,
-        micro_batch_size=8,
-        filter_threshold=filter_threshold,
-        sampling=SamplingConfig(temperature=TEMPERATURE, max_new_tokens=12),
-        max_prompt_tokens=64,
-        engine=EngineConfig(kind="vllm", dtype=str(engine.dtype).removeprefix("torch.")),
-    )
-    return fit(module, data, engine=engine, max_steps=steps, callbacks=callbacks)  # the session's engine
 
 
 @pytest.fixture(params=["float32", "bfloat16"])

@@ -11,13 +11,13 @@ import lightning as L
 import pytest
 import torch
 from fitting import fit
-from transformers import AutoModelForCausalLM
+from support import GradCapture, tiny_data_knobs, worst
 
 from lit_dash.callbacks import StepCheckpoint
 from lit_dash.cli import build_cli
 from lit_dash.data import datamodule as datamodule_module
 from lit_dash.data.buffer import RolloutBuffer
-from lit_dash.data.datamodule import EngineConfig, ProblemSource, PromptStream, RolloutDataModule
+from lit_dash.data.datamodule import ProblemSource, PromptStream, RolloutDataModule
 from lit_dash.data.records import Problem
 from lit_dash.data.skipping import PromptSkipping, SkipHistory, draw
 from lit_dash.engines import SamplingConfig
@@ -178,13 +178,6 @@ def test_skipped_prompts_are_not_sampled_and_count_in_the_denominators(tiny_engi
 # ---- in a fit: the update, and resume -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_engine, tiny_model_path):
-    """The session's engine; each fit pushes its weights into it, so it gets the initial ones back after."""
-    yield tiny_engine
-    tiny_engine.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict().items())
-
-
 TRAIN = ProblemSource(source="arithmetic", difficulty="add1", num_problems=40)
 
 
@@ -230,16 +223,6 @@ class SamePerPrompt(RolloutDataModule):
         return rollout
 
 
-class GradCapture(L.Callback):
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grads.append(
-            {n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
-        )
-
-
 class SkipLog(L.Callback):
     def __init__(self) -> None:
         self.rows: list[tuple[int, list[str], list[str]]] = []  # (step, sampled ids, skipped ids)
@@ -256,17 +239,7 @@ class SkipLog(L.Callback):
 
 
 def _data(cls=RolloutDataModule, train=TRAIN, **kw):
-    knobs = dict(
-        train=train,
-        instruction="Answer in one line.",
-        prompts_per_rollout=4,
-        group_size=G,
-        micro_batch_size=4,
-        filter_threshold=None,
-        sampling=SamplingConfig(temperature=1.0, max_new_tokens=16),
-        engine=EngineConfig(kind="vllm", kv_cache_gib=0.5),
-    )
-    return cls(**{**knobs, **kw})
+    return cls(**tiny_data_knobs(train=train, group_size=G, **kw))
 
 
 def test_skipping_uniform_groups_leaves_the_gradient_exactly_as_it_was(tmp_path, engine):
@@ -297,9 +270,6 @@ def test_skipping_uniform_groups_leaves_the_gradient_exactly_as_it_was(tmp_path,
     assert skipped == {"off": 0.0, "on": G * n_uniform, "uncounted": 0.0}
     assert denominators == {"off": 16.0, "on": 16.0, "uncounted": 16.0 - G * n_uniform}
     factor = 4 / (4 - n_uniform)  # hand-computed: 16 completions over the 4 x (4 - uniform) sampled
-
-    def worst(a, b):
-        return max(float((a[n] - b[n]).abs().max() / b[n].abs().max()) for n in b)
 
     scaled = {n: factor * g for n, g in grads["off"].items()}
     print(

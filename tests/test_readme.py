@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
 from lit_dash.cli import build_cli
 
-REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = {str(p.relative_to(REPO)): p.read_text() for p in [README, *DOCS]}

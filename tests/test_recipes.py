@@ -4,15 +4,12 @@ whatever optimizer steps a rollout takes. Parsed through the LightningCLI; no mo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from _paths import SHARED_DATA
+from support import REPO, SHARED_DATA
 
 from lit_dash.callbacks import CompletionSamples, MathEvaluation, StepCheckpoint
 from lit_dash.cli import build_cli, check_config
 
-REPO = Path(__file__).resolve().parents[1]
 MATH_TRAIN_PROBLEMS = 11_998  # the 12k MATH train split less its 2 unanswerable rows (sources.math_12k_train)
 BUDGET = 3 * MATH_TRAIN_PROBLEMS // 64  # 3 epochs of 64 prompts per rollout: 562 rollouts
 

@@ -17,22 +17,19 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import REPO, TINY, cli_command, cli_env, run_logged, sequence_logprobs
 
 from lit_dash.callbacks.atomic_io import FAULT_ENV, is_temporary
 from lit_dash.checkpointing import restore_rng_states, rng_states_by_rank
 from lit_dash.data.datamodule import PromptStream, RolloutDataModule
 from lit_dash.data.records import Problem
 from lit_dash.data.sources import DataError
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
 def _problems(n: int) -> list[Problem]:
@@ -110,13 +107,8 @@ PINNED = [  # a reference model in the run, and fp32 everywhere: the end state m
 
 
 def _fit(root: Path, tag: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "lit_dash.cli",
+    return cli_command(
         "fit",
-        "--config",
-        str(TINY),
         "--trainer.default_root_dir",
         str(root),
         "--trainer.max_steps",
@@ -125,12 +117,7 @@ def _fit(root: Path, tag: str, *extra: str) -> list[str]:
         "--trainer.callbacks+=recorders.PromptLog",
         f"--trainer.callbacks.path={root}/{tag}_prompts",
         *extra,
-    ]
-
-
-def _env(fault: str = "") -> dict[str, str]:
-    path = os.pathsep.join([str(REPO), str(REPO / "tests")])
-    return {**os.environ, "PYTHONPATH": path, FAULT_ENV: fault}
+    )
 
 
 def _records(path: str) -> list[dict]:
@@ -138,12 +125,7 @@ def _records(path: str) -> list[dict]:
 
 
 def _run(cmd: list[str], log: Path, fault: str = "", expect: int = 0) -> str:
-    with log.open("w") as out:
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=_env(fault), stdout=out, stderr=subprocess.STDOUT, timeout=300
-        )
-    assert proc.returncode == expect, log.read_text()[-3000:]
-    return log.read_text()
+    return run_logged(cmd, log, env=cli_env(**{FAULT_ENV: fault}), expect=expect, timeout=300)
 
 
 def _listing(folder: Path) -> dict[str, str]:
@@ -180,7 +162,7 @@ def runs(tmp_path_factory) -> dict:
     cmd = _fit(run, "b", "--trainer.callbacks+=recorders.StepStarted", f"--trainer.callbacks.path={marks}")
     log = tmp / "b.log"
     with log.open("w") as f:
-        proc = subprocess.Popen([*cmd, "--ckpt_path", "last"], cwd=REPO, env=_env(), stdout=f, stderr=f)
+        proc = subprocess.Popen([*cmd, "--ckpt_path", "last"], cwd=REPO, env=cli_env(), stdout=f, stderr=f)
         deadline = time.monotonic() + 300
         while not Path(f"{marks}.step2").exists():  # step 3 has begun
             assert proc.poll() is None, f"the run ended before step 3 began:\n{log.read_text()[-3000:]}"
@@ -335,10 +317,7 @@ def test_the_engine_serves_the_resumed_weights_from_its_first_rollout(runs):
     from lit_dash.models import resolve_model
 
     initial = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama"), dtype=torch.float32)
-    ids = torch.tensor([record["ids"]])
-    with torch.no_grad():
-        logits = initial(ids).logits.float()[0, :-1]
-    initial_lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+    initial_lp = sequence_logprobs(initial, record["ids"])
     assert (initial_lp - policy_lp).abs().max() > 5 * (engine_lp - policy_lp).abs().max()
 
 

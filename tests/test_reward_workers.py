@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import reward_faults
-from _paths import REPO_ROOT
+from support import REPO
 
 from lit_dash.rewards import RewardWorkerError, math_rewards, reward_events, warm_up_reward_workers
 from lit_dash.rewards import verifier as reward_module
@@ -45,7 +45,7 @@ def run_script(tmp_path, guarded: bool) -> subprocess.CompletedProcess:
     guard, indent = ('if __name__ == "__main__":\n    ', "    ") if guarded else ("", "")
     script = tmp_path / ("guarded.py" if guarded else "unguarded.py")
     script.write_text(SCRIPT.format(guard=guard, indent=indent))
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": pythonpath, "LIT_DASH_REWARD_WORKERS": "1"}
     return subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
@@ -73,7 +73,7 @@ def test_the_guarded_script_scores_all_nine(tmp_path):
     """The negative control: the same script, guarded, gets nine 1.0s from real workers."""
     result = run_script(tmp_path, guarded=True)
     assert result.returncode == 0, result.stderr
-    assert f"LIT_DASH {REPO_ROOT / 'lit_dash' / '__init__.py'}" in result.stdout  # this checkout's code
+    assert f"LIT_DASH {REPO / 'lit_dash' / '__init__.py'}" in result.stdout  # this checkout's code
     assert f"SCORES {[1.0] * 9}" in result.stdout
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from _paths import SHARED_DATA
+from support import SHARED_DATA
 
 from lit_dash.rewards import extract_answer, math_reward, math_rewards
 from lit_dash.rewards import verifier as reward_module

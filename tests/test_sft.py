@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _paths import SHARED_DATA
+from support import SHARED_DATA
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_dash.cli import build_cli, check_config

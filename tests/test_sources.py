@@ -7,7 +7,7 @@ import operator
 from pathlib import Path
 
 import pytest
-from _paths import SHARED_DATA
+from support import SHARED_DATA
 
 from lit_dash.data import sources
 from lit_dash.data.records import Problem

@@ -8,25 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from lit_dash.cli import build_cli
 from lit_dash.logs import find_log_dir, read_hparams, read_scalars, read_texts, read_timing
 
-TINY = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 
-
-def test_event_files_hold_grouped_scalars_samples_and_hparams(tmp_path):
-    cli = build_cli(
-        [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.callbacks+=lit_dash.callbacks.CompletionSamples",
-            "--trainer.callbacks.every_n_steps=1",
-            "--trainer.callbacks.num_samples=2",
-        ]
-    )
+def test_event_files_hold_grouped_scalars_samples_and_hparams(tiny_cli_fit):
+    """tiny.yaml's fit with CompletionSamples every step (2 samples), shared with the CLI tests."""
+    tmp_path = tiny_cli_fit.root
+    cli = tiny_cli_fit.cli
     log_dir = find_log_dir(tmp_path)
     assert log_dir == Path(cli.trainer.log_dir)
 

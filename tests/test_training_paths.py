@@ -1,6 +1,7 @@
 """Every training path in a short real fit (tiny model, the session's real vLLM engine, tiny.yaml's
-settings): KL with k2 / k3 / k3+, update multi and mini, a constant reward, and filtering that leaves the
-gradient exactly as it was (normalize_over: rollout), with its negative control (kept)."""
+settings): KL with k2 / k3 / k3+, update multi and mini, a constant reward, DAPO's dynamic sampling.
+That filtering leaves the gradient as it was is test_module.py's (three loss aggregations, the negative
+control's exact factor); the fit's own denominators with skipped prompts are test_prompt_skipping.py's."""
 
 from __future__ import annotations
 
@@ -8,22 +9,12 @@ import lightning as L
 import pytest
 import torch
 from fitting import fit
-from numerics import assert_tensors_near, fp32_sum_error
+from support import tiny_data_knobs
 from tiny_reward import ParityRewardModule
-from transformers import AutoModelForCausalLM
 
 from lit_dash.callbacks import MathEvaluation, StepCheckpoint
-from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
-from lit_dash.data.formatting import format_prompts
-from lit_dash.engines import SamplingConfig
+from lit_dash.data.datamodule import ProblemSource, RolloutDataModule
 from lit_dash.module import DashModule
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_engine, tiny_model_path):
-    """The session's engine; each fit pushes its weights into it, so it gets the initial ones back after."""
-    yield tiny_engine
-    tiny_engine.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict().items())
 
 
 class PerRollout(L.Callback):
@@ -57,19 +48,7 @@ def _fit(
     ckpt_path=None,
     **data_kwargs,
 ):
-    knobs = dict(  # tests/configs/tiny.yaml's data, with the session's engine
-        train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=40),
-        instruction="Answer in one line.",
-        prompts_per_rollout=4,
-        group_size=4,
-        micro_batch_size=4,
-        filter_threshold=None,
-        sampling=SamplingConfig(temperature=1.0, max_new_tokens=16),
-        eval_max_new_tokens=16,
-        engine=EngineConfig(kind="vllm", kv_cache_gib=0.5),
-    )
-    knobs.update(data_kwargs)
-    data = data_cls(**knobs)
+    data = data_cls(**tiny_data_knobs(**data_kwargs))  # tests/configs/tiny.yaml's data
     return fit(
         module, data, engine=engine, max_steps=max_steps, callbacks=callbacks, root=root, ckpt_path=ckpt_path
     )
@@ -250,81 +229,6 @@ def test_a_constant_reward_changes_no_weight_yet_advances_the_schedule(tmp_path,
     scheduler = module.lr_schedulers()
     assert scheduler.last_epoch == 4 and scheduler.get_last_lr() == [0.0]
     assert not module.optimizers().optimizer.state, "AdamW never stepped a parameter"
-
-
-# ---- filtering is gradient-neutral ----------------------------------------------------------------------
-
-NEUTRAL = [1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
-
-
-class NeutralReward(DashModule):
-    """A constant group, [0, .5, .5, 1] (middle two A = 0 exactly) and two mixed groups: threshold 0.1
-    drops exactly the 6 zero-advantage completions."""
-
-    def reward(self, completions, problems):
-        return NEUTRAL[: len(completions)]
-
-
-class FixedSamples(RolloutDataModule):
-    """Every fit trains on the same completions: the first fit's engine call samples them, later fits
-    reuse them, so filter on and off see identical data."""
-
-    samples: dict = {}
-
-    def rollout(self, problems, reward_fn):
-        prompts = tuple(format_prompts(problems, self.engine.tokenizer, self.prompt_style, self.instruction))
-        if prompts not in FixedSamples.samples:
-            prompt_ids, completions, _ = self.buffer._generate(list(prompts))
-            FixedSamples.samples[prompts] = (prompt_ids, completions)
-        return self.buffer.assemble(problems, *FixedSamples.samples[prompts], reward_fn)
-
-
-class GradCapture(L.Callback):
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = {n: p.grad.clone() for n, p in pl_module.policy.named_parameters() if p.grad is not None}
-        self.grads.append(grads)
-
-
-def test_filtering_leaves_the_gradient_as_it_was(tmp_path, engine):
-    FixedSamples.samples = {}
-    grads, kept, denominators = {}, {}, {}
-    for label, threshold, over in (("off", None, "rollout"), ("on", 0.1, "rollout"), ("kept", 0.1, "kept")):
-        module = NeutralReward(
-            model="tiny-llama", precision="float32", normalize_over=over, max_grad_norm=None, seed=0
-        )
-        capture = GradCapture()
-        trainer = _fit(
-            tmp_path / label,
-            engine,
-            module,
-            max_steps=1,
-            callbacks=[capture],
-            filter_threshold=threshold,
-            data_cls=FixedSamples,
-        )
-        grads[label], kept[label] = capture.grads[0], module.last_rollout.num_kept
-        denominators[label] = float(trainer.callback_metrics["train/loss_denominator_completions"])
-    assert kept == {"off": 16, "on": 10, "kept": 10}
-    assert denominators == {"off": 16.0, "on": 16.0, "kept": 10.0}  # constant: x max_new_tokens
-
-    def worst(a, b):
-        return max(float((a[n] - b[n]).abs().max() / b[n].abs().max()) for n in b)
-
-    print(
-        f"[neutrality, fit] max relative difference filter on vs off: {worst(grads['on'], grads['off']):.2e}; "
-        f"kept vs 1.6 x off: {worst(grads['kept'], {n: 1.6 * g for n, g in grads['off'].items()}):.2e}; "
-        f"kept vs off: {worst(grads['kept'], grads['off']):.2e}"
-    )
-    assert sum(float(g.abs().sum()) for g in grads["off"].values()) > 0
-    # another micro-batch split reorders fp32 sums whose longest runs over the vocabulary (tests/numerics.py)
-    vocab = 49152
-    assert worst(grads["on"], grads["off"]) < 2 * fp32_sum_error(vocab)
-    assert worst(grads["kept"], grads["off"]) > 0.5
-    assert_tensors_near(grads["on"], grads["off"], vocab)
-    assert_tensors_near(grads["kept"], {n: 1.6 * g for n, g in grads["off"].items()}, vocab)  # 16 / 10
 
 
 # ---- DAPO dynamic sampling ------------------------------------------------------------------------------

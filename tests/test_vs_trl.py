@@ -10,8 +10,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO, cli_env
 
 
 def _bench():
@@ -151,7 +150,7 @@ def test_vs_trl_smallest_setting_end_to_end(tmp_path):
     cmd += ["--prompts", "2", "--group-size", "4", "--micro-batch", "4", "--max-new-tokens", "8"]
     cmd += ["--eval-max-new-tokens", "8", "--eval-problems", "4", "--out", str(out)]
     cmd += ["--", "--data.engine.kv_cache_gib", "0.25"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((out / "vs_trl.json").read_text())
     rows = payload["results"]

@@ -24,12 +24,17 @@ class RankOneKeepsNothing(ParityRewardModule):
         return super().reward(completions, problems)
 
 
-class FirstRolloutKeepsNothing(ParityRewardModule):
-    """Every rank scores its first rollout 0 (every group constant: with filtering on, no rank keeps
-    anything, a counted no-op step everywhere), then the parity reward; evaluation is always parity."""
+class NoRankThenRankOneKeepsNothing(ParityRewardModule):
+    """Both DDP no-op cases in one run: every rank scores its first rollout 0 (every group constant: with
+    filtering on, no rank keeps anything, a counted no-op step everywhere); at the fourth rollout rank 1
+    alone scores every completion 0, so it keeps nothing while rank 0 trains (both must still take the
+    step together: the DDP no-hang case). Every other rollout, and evaluation, get the parity reward."""
+
+    RANK_ONE_ALONE = 3  # the global step while the fourth rollout trains
 
     def training_step(self, problems, batch_idx):
-        self._constant_reward = self.global_step == 0
+        step = self.global_step
+        self._constant_reward = step == 0 or (step == self.RANK_ONE_ALONE and self.global_rank == 1)
         try:
             return super().training_step(problems, batch_idx)
         finally:
