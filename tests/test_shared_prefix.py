@@ -329,7 +329,7 @@ def _fit_once(engine, shared_prefix: bool, knobs: dict):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_shared_prefix_fit_takes_the_per_row_fits_step(tiny_engine, tiny_model_path, case):
-    from test_parity import restore_engine_weights
+    from support import restore_engine_weights
 
     knobs = CASES[case]
     try:
