@@ -19,9 +19,9 @@ PACKAGE = "lit_dash"
 # bottom to top: a module may import its own layer and the ones below it
 LAYERS = [
     ("base", ["errors", "hardware", "console", "logs", "models", "checkpointing", "lora", "export"]),
-    ("maths", ["losses", "advantages", "world_metrics"]),
+    ("maths", ["kl", "losses", "advantages", "world_metrics"]),
     ("engines", ["engines"]),
-    ("records", ["data.records", "data.formatting", "data.batches"]),
+    ("records", ["data.records", "data.formatting", "data.batches", "data.packing"]),
     ("rewards", ["rewards"]),
     ("evaluation", ["evaluation"]),
     ("data", ["data", "contract", "step_metrics"]),
