@@ -21,6 +21,7 @@ import pytest
 import torch
 from fitting import fit
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support import restore_engine_weights
 from tiny_reward import ParityRewardModule
 
 from lit_dash.data import calibration
@@ -91,8 +92,6 @@ def _module(**kwargs) -> NaNGradientAt:
 
 @pytest.fixture(scope="module")
 def auto_fit(tiny_engine, tiny_model_path, tmp_path_factory):
-    from test_parity import restore_engine_weights
-
     root = tmp_path_factory.mktemp("auto_fit")
     module, data, steps = _module(nan_gradient_steps=(NAN_GRADIENT_STEP,)), _data("auto"), Steps()
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)
