@@ -8,7 +8,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from fitting import fit
 from support import Gaps, NoSync, cli_command, restore_engine_weights, run_logged, sequence_logprobs
 from support import parity_fit as _fit
 from tiny_reward import ParityRewardModule
@@ -16,8 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from lit_dash import lora
 from lit_dash.callbacks import ExportModel, StepCheckpoint
-from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
-from lit_dash.engines import SamplingConfig
 from lit_dash.errors import ConfigError
 from lit_dash.module import DashModule
 
@@ -221,26 +218,9 @@ def _flat_state(optimizer) -> dict[str, torch.Tensor]:
 
 
 def _fit_with(engine, module, callbacks, steps: int, root, ckpt_path=None) -> L.Trainer:
-    data = RolloutDataModule(
-        train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=16),
-        prompts_per_rollout=4,
-        group_size=4,
-        micro_batch_size=8,
-        sampling=SamplingConfig(temperature=1.3, max_new_tokens=12),
-        max_prompt_tokens=64,
-        engine=EngineConfig(kind="vllm", dtype="float32"),
-    )
     # enable_checkpointing: Lightning's own ModelCheckpoint writes under root when none is given
-    return fit(
-        module,
-        data,
-        engine=engine,
-        max_steps=steps,
-        callbacks=callbacks,
-        root=root,
-        ckpt_path=ckpt_path,
-        enable_checkpointing=True,
-    )
+    options = dict(root=root, ckpt_path=ckpt_path, enable_checkpointing=True)
+    return _fit(engine, module, callbacks, steps, filter_threshold=0.1, **options)
 
 
 def test_a_checkpoint_holds_the_adapters_alone_and_resumes_them_exactly(
