@@ -105,9 +105,6 @@ def tiny_engine_for_fits(tiny_engine, tiny_model_path):
     restore_engine_weights(tiny_engine, tiny_model_path)
 
 
-MONITOR = "eval/arithmetic/accuracy"
-
-
 @pytest.fixture(scope="session")
 def tiny_cli_fit(tmp_path_factory, tiny_engine, tiny_model_path):
     """One 2-step fit of tests/configs/tiny.yaml through the CLI (``build_cli(["fit", ...])``, in this
@@ -117,10 +114,11 @@ def tiny_cli_fit(tmp_path_factory, tiny_engine, tiny_model_path):
     The config adds to tiny.yaml: fp32 (trainer and engine), a StepCheckpoint every step keeping the best
     of ``MONITOR``, ExportModel, and CompletionSamples every step (2 samples); it is written to
     ``config`` for later ``lit-dash`` runs. The fit trains into the shared engine, which then gets its
-    initial weights back.
+    initial weights back. A test that runs another loop on ``cli.trainer`` (test_export's
+    ``trainer.test``) gives back what that changes: the model's weights, the engine's, callback_metrics.
     """
     import yaml
-    from support import TINY, restore_engine_weights, session_engine_for_the_cli
+    from support import MONITOR, TINY, restore_engine_weights, session_engine_for_the_cli
 
     from lit_dash.cli import build_cli
 

@@ -26,6 +26,7 @@ REPO = REPO_ROOT
 TESTS = REPO / "tests"
 TINY = TESTS / "configs" / "tiny.yaml"  # two steps of the tiny random Llama through the CLI
 TINY_SFT = TESTS / "configs" / "tiny_sft.yaml"
+MONITOR = "eval/arithmetic/accuracy"  # what the shared CLI fit's StepCheckpoint keeps the best of
 
 # rewards by row, for a rollout of 4 groups of 4: a constant group; [0, .5, .5, 1] whose middle two have
 # A = 0 exactly; two mixed groups. Threshold 0.1 drops exactly the 6 zero-advantage completions.
@@ -152,9 +153,18 @@ class NoSync(WeightSync):
         return 0.0
 
 
-def parity_fit(engine, module, callbacks, steps: int = 2, filter_threshold: float | None = None) -> L.Trainer:
+def parity_fit(
+    engine,
+    module,
+    callbacks,
+    steps: int = 2,
+    filter_threshold: float | None = None,
+    temperature: float = PARITY_TEMPERATURE,
+    **fit_options,
+) -> L.Trainer:
     """``steps`` optimizer steps of ``module`` on 16 add1 problems (4 prompts x 4 completions, micro-batches
-    of 8, 12 new tokens at ``PARITY_TEMPERATURE``) with the session engine ``engine``."""
+    of 8, 12 new tokens at ``temperature``) with the session engine ``engine``; ``fit_options`` (``root``,
+    ``ckpt_path``, ``enable_checkpointing``) go to tests/fitting.py's ``fit``."""
     from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
     from lit_dash.engines import SamplingConfig
 
@@ -164,11 +174,11 @@ def parity_fit(engine, module, callbacks, steps: int = 2, filter_threshold: floa
         group_size=4,
         micro_batch_size=8,
         filter_threshold=filter_threshold,
-        sampling=SamplingConfig(temperature=PARITY_TEMPERATURE, max_new_tokens=12),
+        sampling=SamplingConfig(temperature=temperature, max_new_tokens=12),
         max_prompt_tokens=64,
         engine=EngineConfig(kind="vllm", dtype=str(engine.dtype).removeprefix("torch.")),
     )
-    return fit(module, data, engine=engine, max_steps=steps, callbacks=callbacks)
+    return fit(module, data, engine=engine, max_steps=steps, callbacks=callbacks, **fit_options)
 
 
 # ---- gradients and training-step records ---------------------------------------------------------------

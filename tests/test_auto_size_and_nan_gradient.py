@@ -21,6 +21,7 @@ import pytest
 import torch
 from fitting import fit
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support import restore_engine_weights
 from tiny_reward import ParityRewardModule
 
 from lit_dash.data import calibration
@@ -91,8 +92,6 @@ def _module(**kwargs) -> NaNGradientAt:
 
 @pytest.fixture(scope="module")
 def auto_fit(tiny_engine, tiny_model_path, tmp_path_factory):
-    from test_parity import restore_engine_weights
-
     root = tmp_path_factory.mktemp("auto_fit")
     module, data, steps = _module(nan_gradient_steps=(NAN_GRADIENT_STEP,)), _data("auto"), Steps()
     checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)
@@ -140,7 +139,9 @@ def _datamodule_state(checkpoint: dict) -> dict:
     return state
 
 
-def test_resume_keeps_the_runs_size_under_auto_and_warns_of_another_world(auto_fit, tiny_engine, tmp_path):
+def test_resume_keeps_the_runs_size_under_auto_and_warns_of_another_world(
+    auto_fit, tiny_engine, tiny_model_path, tmp_path
+):
     _, _, _, root, _ = auto_fit
     checkpoint = torch.load(root / "ckpt" / "epoch=0-step=1.ckpt", weights_only=False)
     assert len(checkpoint["lit_dash"]["rng"]) == 1
@@ -152,7 +153,10 @@ def test_resume_keeps_the_runs_size_under_auto_and_warns_of_another_world(auto_f
     module, data, steps = _module(), _data("auto"), Steps()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(module, data, engine=tiny_engine, max_steps=2, callbacks=[steps], ckpt_path=str(edited))
+        try:
+            fit(module, data, engine=tiny_engine, max_steps=2, callbacks=[steps], ckpt_path=str(edited))
+        finally:  # the session engine serves the initial weights again (a LoRA fit pushes only its layers)
+            restore_engine_weights(tiny_engine, tiny_model_path)
     messages = [str(w.message) for w in caught]
     assert data.auto_throughput, "auto measured again on resume"
     assert data.prompts_per_rollout == 3 and steps.prompts == [3]  # the checkpoint's size, one more step

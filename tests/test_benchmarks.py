@@ -5,16 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from figures import drawn_colours
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO, cli_env
 
 
 def test_dash_vs_grpo_reports_table_plot_and_ratio(tmp_path):
@@ -22,7 +19,7 @@ def test_dash_vs_grpo_reports_table_plot_and_ratio(tmp_path):
     cmd = [sys.executable, "benchmarks/dash_vs_grpo.py", "--model", "tiny-llama", "--settings", "grpo,dash"]
     cmd += ["--steps", "1", "--prompts", "2", "--group-size", "4", "--micro-batch", "4"]
     cmd += ["--max-new-tokens", "8", "--kv-cache-gib", "0.25", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"DASH/GRPO time ratio: \d+\.\d\d", lines[-1])
@@ -71,7 +68,7 @@ def test_logprob_memory_benchmark_smoke(tmp_path):
     out = tmp_path / "logprob_memory.json"
     cmd = [sys.executable, "benchmarks/logprob_memory.py", "--vocab", "20000", "--rows", "2", "--prompt", "8"]
     cmd += ["--completions", "128,1024", "--chunks", "0,32", "--max-unchunked-gib", "0.1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 128 | 256 | unchunked |" in proc.stdout and "| 128 | 256 | 32 |" in proc.stdout
     rows = {(r["completion_tokens"], r["chunk_tokens"]): r for r in json.loads(out.read_text())["results"]}
@@ -177,8 +174,7 @@ def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
     cmd += ["--long-prompts", "2", "--group-size", "4", "--micro-batch", "4", "--max-new-tokens", "8,16"]
     cmd += ["--steps", "1", "--sync-repeats", "1", "--checkpoint-repeats", "1"]
     cmd += ["--work-dir", str(tmp_path), "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     settings = [r["setting"] for r in report["results"]]

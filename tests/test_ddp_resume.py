@@ -10,15 +10,12 @@ tests/test_auto_size_and_nan_gradient.py.)"""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO, TESTS, cli_env
 
 
 def _free_port() -> int:
@@ -29,16 +26,14 @@ def _free_port() -> int:
 
 def test_each_rank_resumes_its_own_random_stream_and_all_ranks_skip_together(tmp_path):
     port = str(_free_port())
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": port,
-        "WORLD_SIZE": "2",
-        "NODE_RANK": "0",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    }
-    script = [sys.executable, str(REPO / "tests" / "ddp_resume_run.py"), str(tmp_path)]
+    env = cli_env(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+        WORLD_SIZE="2",
+        NODE_RANK="0",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+    )
+    script = [sys.executable, str(TESTS / "ddp_resume_run.py"), str(tmp_path)]
     logs = [(tmp_path / f"rank{r}.log").open("w") for r in (0, 1)]
     ranks = [
         subprocess.Popen(

@@ -7,17 +7,12 @@ import math
 
 import pytest
 import torch
+from support import restore_engine_weights, sequence_logprobs
 from transformers import AutoModelForCausalLM
 
 from lit_dash.engines import SamplingConfig, build_engine
 
 PROMPTS = ["What is 2 + 3?", "Name a prime number."]
-
-
-def _policy_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits.float()
-    return torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
 
 
 def test_vllm_logprobs_are_the_samplers_after_temperature(tiny_engine, tiny_model_path):
@@ -78,13 +73,13 @@ def test_weight_push_takes_effect(request, tiny_model_path, dtype):
     original = {k: v.clone() for k, v in policy.state_dict().items()}
 
     start = torch.tensor(tiny_engine.sequence_logprobs([ids])[0])
-    torch.testing.assert_close(start, _policy_logprobs(policy, ids), atol=tol, rtol=0)
+    torch.testing.assert_close(start, sequence_logprobs(policy, ids), atol=tol, rtol=0)
 
     torch.manual_seed(1)
     with torch.no_grad():
         for p in policy.parameters():  # includes the tied embedding / lm_head
             p.add_(torch.randn_like(p) * 0.05)
-    changed = _policy_logprobs(policy, ids)
+    changed = sequence_logprobs(policy, ids)
     assert (changed - start).abs().max() > 20 * tol, "perturbation too small to tell pushes apart"
     before = torch.tensor(tiny_engine.sequence_logprobs([ids])[0])
     torch.testing.assert_close(before, start)  # nothing pushed yet: the engine still has the old weights
@@ -183,7 +178,7 @@ def test_hf_fallback_engine_same_interface(tiny_model_path):
     with torch.no_grad():
         for p in engine.model.parameters():
             p.zero_()
-    engine.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict().items())
+    restore_engine_weights(engine, tiny_model_path)
     assert engine.generate(PROMPTS[:1], 1, greedy).completions[0].token_ids == a
 
 

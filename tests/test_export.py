@@ -1,5 +1,6 @@
-"""What a user takes home, on the tiny model and real vLLM: one 2-step fit through the CLI with the
-ExportModel callback and a StepCheckpoint that monitors held-out accuracy, then
+"""What a user takes home, on the tiny model and real vLLM: the session's 2-step fit through the CLI
+(conftest's ``tiny_cli_fit``: the ExportModel callback and a StepCheckpoint that monitors held-out
+accuracy, fp32, on the session engine), then
 
 - vLLM loads the export and gives the trained policy's greedy completions and log-probs (fp32); the
   untrained base model's differ (negative control);
@@ -16,46 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from support import MONITOR, REPO, cli_env, restore_engine_weights, sequence_logprobs
 
 from lit_dash.callbacks import ExportModel, MathEvaluation, StepCheckpoint
 from lit_dash.cli import build_cli, main
 from lit_dash.data.formatting import format_prompts
 from lit_dash.engines.base import SamplingConfig
 
-REPO = Path(__file__).resolve().parents[1]
-MONITOR = "eval/arithmetic/accuracy"
 # kept alive for the session: an in-process vLLM engine, once collected, tears down the parallel state
 # every other engine of the process shares (the fit's engine then fails)
 _ENGINES: list = []
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_fit")
-    config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
-    callbacks = config["trainer"]["callbacks"]
-    callbacks[0]["init_args"].update(every_n_train_steps=1, monitor=MONITOR, mode="max", save_top_k=1)
-    callbacks.append({"class_path": "lit_dash.callbacks.ExportModel"})
-    path = root / "tiny_export.yaml"
-    path.write_text(yaml.safe_dump(config))
-    fp32 = ["--model.init_args.precision", "float32", "--data.engine.dtype", "float32"]
-    cli = build_cli(["fit", "--config", str(path), "--trainer.default_root_dir", str(root), *fp32])
-    return cli, path
+def fitted(tiny_cli_fit):
+    return tiny_cli_fit.cli, tiny_cli_fit.config
 
 
 def _callback(trainer, kind):
     return next(c for c in trainer.callbacks if isinstance(c, kind))
-
-
-def _sequence_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """Each token's log-prob after its prefix under ``model`` (on whatever device it is: the hf engine's
-    model is on the GPU where there is one), returned on the CPU."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(torch.tensor([ids], device=device)).logits.float()[0, :-1].cpu()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
 
 
 def test_vllm_serves_the_export_as_the_trained_policy(fitted):
@@ -91,8 +72,8 @@ def test_vllm_serves_the_export_as_the_trained_policy(fitted):
         assert greedy.tolist() == completion.token_ids
         ids = prompt_ids + completion.token_ids
         served = torch.tensor(engine.sequence_logprobs([ids])[0])
-        gaps.append((served - _sequence_logprobs(module.policy, ids)).abs().max())
-        base_gaps.append((served - _sequence_logprobs(base, ids)).abs().max())
+        gaps.append((served - sequence_logprobs(module.policy, ids)).abs().max())
+        base_gaps.append((served - sequence_logprobs(base, ids)).abs().max())
     print(f"max |vLLM(export) - policy| log-prob: {max(gaps):.2e}; vs base: {min(base_gaps):.2e}")
     assert max(gaps) < 1e-4, gaps  # fp32 on both sides
     assert min(base_gaps) > 1e-2, base_gaps  # negative control: the untrained model is told apart
@@ -117,7 +98,7 @@ def test_lit_dash_export_from_the_checkpoint_writes_the_same_weights(fitted, tmp
     assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_the_monitored_checkpoint_is_the_best_evaluated_step(fitted):
+def test_the_monitored_checkpoint_is_the_best_evaluated_step(fitted, tiny_engine, tiny_model_path):
     cli, _ = fitted
     trainer = cli.trainer
     assert MONITOR in trainer.callback_metrics
@@ -129,8 +110,19 @@ def test_the_monitored_checkpoint_is_the_best_evaluated_step(fitted):
     best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
     assert best["global_step"] == best_step
 
-    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")  # test loop, the best weights
-    assert float(trainer.callback_metrics["test/arithmetic/accuracy"]) == pytest.approx(history[best_step])
+    # the test loop, with the best weights, on the shared fit's trainer: it loads them into the fit's model,
+    # pushes them into the session engine and starts callback_metrics afresh; each gets the fit's back
+    # after it (the other tests of the fit read them)
+    final = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    fit_metrics = dict(trainer.callback_metrics)
+    try:
+        trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+        tested = float(trainer.callback_metrics["test/arithmetic/accuracy"])
+    finally:
+        cli.model.load_state_dict(final)
+        restore_engine_weights(tiny_engine, tiny_model_path)
+        trainer.callback_metrics.update(fit_metrics)  # the live dict: Lightning's loops read it
+    assert tested == pytest.approx(history[best_step])
     # named by the trainer's step (the test loop does not restore the checkpoint's), so found by glob
     (test_rows,) = (Path(trainer.log_dir) / "eval").glob("arithmetic_test_step*.jsonl")
     fit_rows = Path(trainer.log_dir) / "eval" / f"arithmetic_fit_step{best_step}.jsonl"
@@ -170,10 +162,10 @@ def test_validate_test_and_predict_serve_the_checkpoints_weights(fitted, tmp_pat
         done = build_cli([subcommand, "--config", str(config), "--ckpt_path", last, *hf, *root, *extra])
         engine = done.datamodule.engine
         ids = engine.tokenizer("What is 3 + 4? The answer is 7.")["input_ids"]
-        served = _sequence_logprobs(engine.model, ids)
-        torch.testing.assert_close(served, _sequence_logprobs(trained, ids), atol=1e-4, rtol=0)
+        served = sequence_logprobs(engine.model, ids)
+        torch.testing.assert_close(served, sequence_logprobs(trained, ids), atol=1e-4, rtol=0)
         # two steps at lr 1e-4 move these log-probs by ~0.013: 10x the tolerance is a clear rejection
-        gap = float((served - _sequence_logprobs(untrained, ids)).abs().max())
+        gap = float((served - sequence_logprobs(untrained, ids)).abs().max())
         assert gap > 1e-3, f"{subcommand}: the untrained weights would pass too (gap {gap:.1e})"
         return done
 
@@ -199,7 +191,6 @@ def test_validate_test_and_predict_serve_the_checkpoints_weights(fitted, tmp_pat
 
 def test_independent_check_scores_the_export(fitted, tmp_path):
     """The demo's closing command: plain vLLM on the export reproduces the fit's final greedy evaluation."""
-    import os
     import subprocess
     import sys
 
@@ -209,13 +200,12 @@ def test_independent_check_scores_the_export(fitted, tmp_path):
     out = tmp_path / "check.json"
     script = REPO / "scripts" / "independent_check.py"
     args = ["--model", str(log_dir / "export"), "--questions-from", str(final), "--json-out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, str(script), *args, "--kv-cache-gib", "0.25"],
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env=cli_env(),
     )
     assert out.is_file(), f"{proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     report = json.loads(out.read_text())

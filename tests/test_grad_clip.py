@@ -8,12 +8,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fitting import fit
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
+from support import parity_fit
 from tiny_reward import ParityRewardModule
 
-from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
-from lit_dash.engines import SamplingConfig
 from lit_dash.errors import ConfigError
 from lit_dash.module import DashModule
 
@@ -47,18 +45,8 @@ class ClipProbe(L.Callback):
 
 def _fit(engine, max_grad_norm: float | None) -> ClipProbe:
     module = ParityRewardModule(model="tiny-llama", precision="float32", lr=1e-4, max_grad_norm=max_grad_norm)
-    data = RolloutDataModule(
-        train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=16),
-        prompts_per_rollout=4,
-        group_size=4,
-        micro_batch_size=8,
-        filter_threshold=None,
-        sampling=SamplingConfig(temperature=1.0, max_new_tokens=12),
-        max_prompt_tokens=64,
-        engine=EngineConfig(kind="vllm", dtype="float32"),
-    )
     probe = ClipProbe()
-    fit(module, data, engine=engine, max_steps=2, callbacks=[probe])
+    parity_fit(engine, module, [probe], temperature=1.0)
     return probe
 
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from fitting import fit
-from support import NoSync, restore_engine_weights
+from support import Gaps, NoSync, cli_command, restore_engine_weights, run_logged, sequence_logprobs
 from support import parity_fit as _fit
 from tiny_reward import ParityRewardModule
 from transformers import AutoModelForCausalLM
 
 from lit_dash import lora
 from lit_dash.callbacks import ExportModel, StepCheckpoint
-from lit_dash.data.datamodule import EngineConfig, ProblemSource, RolloutDataModule
-from lit_dash.engines import SamplingConfig
 from lit_dash.errors import ConfigError
 from lit_dash.module import DashModule
 
@@ -180,7 +177,7 @@ def test_the_engine_samples_from_base_plus_adapter(tiny_engine, tiny_model_path,
             seed=0,
             lora={**SPEC, "target_modules": targets},
         )
-        gaps = _Gaps()
+        gaps = Gaps()
         trainer = _fit(tiny_engine, module, [gaps])
         assert trainer.global_step == 2 and len(gaps.mean) == 2
         assert all(0 <= g < 1e-4 for g in gaps.mean), gaps.mean
@@ -195,19 +192,11 @@ def test_the_engine_samples_from_base_plus_adapter(tiny_engine, tiny_model_path,
             seed=0,
             lora={**SPEC, "target_modules": targets},
         )
-        stale_gaps = _Gaps()
+        stale_gaps = Gaps()
         _fit(tiny_engine, stale, [stale_gaps, NoSync()])
         assert min(stale_gaps.mean) > 100 * max(gaps.mean) and min(stale_gaps.mean) > 1e-3, stale_gaps.mean
     finally:
         restore_engine_weights(tiny_engine, tiny_model_path)
-
-
-class _Gaps(L.Callback):
-    def __init__(self) -> None:
-        self.mean: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.mean.append(float(trainer.callback_metrics["train/engine_logprob_gap"]))
 
 
 class _Resumed(L.Callback):
@@ -229,26 +218,9 @@ def _flat_state(optimizer) -> dict[str, torch.Tensor]:
 
 
 def _fit_with(engine, module, callbacks, steps: int, root, ckpt_path=None) -> L.Trainer:
-    data = RolloutDataModule(
-        train=ProblemSource(source="arithmetic", difficulty="add1", num_problems=16),
-        prompts_per_rollout=4,
-        group_size=4,
-        micro_batch_size=8,
-        sampling=SamplingConfig(temperature=1.3, max_new_tokens=12),
-        max_prompt_tokens=64,
-        engine=EngineConfig(kind="vllm", dtype="float32"),
-    )
     # enable_checkpointing: Lightning's own ModelCheckpoint writes under root when none is given
-    return fit(
-        module,
-        data,
-        engine=engine,
-        max_steps=steps,
-        callbacks=callbacks,
-        root=root,
-        ckpt_path=ckpt_path,
-        enable_checkpointing=True,
-    )
+    options = dict(root=root, ckpt_path=ckpt_path, enable_checkpointing=True)
+    return _fit(engine, module, callbacks, steps, filter_threshold=0.1, **options)
 
 
 def test_a_checkpoint_holds_the_adapters_alone_and_resumes_them_exactly(
@@ -334,7 +306,7 @@ def test_the_export_is_a_plain_merged_model_the_engine_serves(tiny_engine, tiny_
         torch.testing.assert_close(
             torch.log_softmax(exported(input_ids=IDS).logits[0, :-1], -1), expected, rtol=0, atol=1e-5
         )
-    trainer_lp = expected.gather(-1, IDS[0, 1:, None])[:, 0]
+    trainer_lp = sequence_logprobs(module.policy, IDS[0].tolist())
     # the adapter alone, in peft's format, loads back onto the base
     from peft import PeftModel
 
@@ -354,15 +326,9 @@ def test_two_ddp_ranks_train_the_same_adapters(tmp_path):
     """A real 2-rank ``lit_dash.cli fit`` (gloo) with LoRA, rank 1 keeping nothing: both ranks hold the
     same adapters after every step, the adapters move, and the checkpoint holds the adapters alone."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [
-        sys.executable, "-m", "lit_dash.cli", "fit",
-        "--config", str(repo / "tests" / "configs" / "tiny.yaml"),
+    cmd = cli_command(
+        "fit",
         "--model.class_path", "tiny_reward.RankOneKeepsNothing",
         "--model.init_args.lora", json.dumps(SPEC),
         "--model.init_args.lr", "1e-3",
@@ -372,12 +338,8 @@ def test_two_ddp_ranks_train_the_same_adapters(tmp_path):
         "--data.filter_threshold", "0.1",
         "--data.engine.kv_cache_gib", "0.25",
         "--trainer.callbacks+=recorders.WeightChecksum", f"--trainer.callbacks.path={tmp_path}/weights",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
-    log = tmp_path / "fit.log"
-    with log.open("w") as out:
-        proc = subprocess.run(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400)
-    assert proc.returncode == 0, log.read_text()[-4000:]
+    )  # fmt: skip
+    run_logged(cmd, tmp_path / "fit.log")
     rank0, rank1 = (
         [json.loads(line) for line in (tmp_path / f"weights.rank{r}.jsonl").read_text().splitlines()]
         for r in (0, 1)

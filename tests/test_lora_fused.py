@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_parity import restore_engine_weights
+from support import restore_engine_weights, sequence_logprobs
 
 from lit_dash import lora
 from lit_dash.errors import ConfigError
@@ -27,12 +27,6 @@ def _adapted(targets: list[str]) -> DashModule:
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     return module
-
-
-def _policy_logprobs(policy, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = policy(input_ids=torch.tensor([ids])).logits.float()[0, :-1]
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
 
 
 def test_up_proj_alone_sends_its_gate_sibling_and_the_engine_serves_the_adapted_mlp(
@@ -54,7 +48,7 @@ def test_up_proj_alone_sends_its_gate_sibling_and_the_engine_serves_the_adapted_
     assert sorted(alone) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
 
     ids = tiny_engine.tokenizer("What is 3 + 4? The answer is 7.")["input_ids"]
-    policy = _policy_logprobs(module.policy, ids)
+    policy = sequence_logprobs(module.policy, ids)
     before = torch.tensor(tiny_engine.sequence_logprobs([ids])[0])
     try:
         tiny_engine.load_weights(pushed.items())
@@ -103,5 +97,5 @@ def test_adapters_that_do_not_fit_their_lora_config_are_refused():
     loaded = lora.peft_model_from_checkpoint(_checkpoint(module, spec))
     ids = [1, 17, 230, 5, 999, 42, 7, 3000]
     torch.testing.assert_close(
-        _policy_logprobs(loaded, ids), _policy_logprobs(module.policy, ids), rtol=0, atol=1e-6
+        sequence_logprobs(loaded, ids), sequence_logprobs(module.policy, ids), rtol=0, atol=1e-6
     )

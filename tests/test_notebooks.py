@@ -10,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from figures import drawn_colours
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 # inserted after the notebook's ``save`` helper: every saved figure's plotted data, by figure name
 RECORD_FIGURES = """

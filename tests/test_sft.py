@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from support import SHARED_DATA
+from support import REPO, SHARED_DATA, TINY_SFT, sequence_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_dash.cli import build_cli, check_config
@@ -18,8 +18,6 @@ from lit_dash.data.records import Problem
 from lit_dash.data.sources import DataError, arithmetic_problems, last_boxed, load_gsm8k, load_math
 from lit_dash.sft import SftDataModule, SftModule, sft_micro_batch, sft_target, sft_token_rows
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_SFT = str(REPO / "tests" / "configs" / "tiny_sft.yaml")
 INSTRUCTION = "Put your final answer within \\boxed{}."
 
 
@@ -103,7 +101,7 @@ def test_sft_demo_is_the_demo_with_other_classes(monkeypatch):
 
 def test_two_step_sft_fit_through_the_cli(tmp_path):
     fp32 = ["--model.init_args.precision", "float32", "--data.engine.dtype", "float32"]  # exact sync check
-    cli = build_cli(["fit", "--config", TINY_SFT, "--trainer.default_root_dir", str(tmp_path), *fp32])
+    cli = build_cli(["fit", "--config", str(TINY_SFT), "--trainer.default_root_dir", str(tmp_path), *fp32])
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -146,12 +144,7 @@ def test_two_step_sft_fit_through_the_cli(tmp_path):
     # negative control, are rejected by the same tolerance
     ids = dm.engine.tokenizer("What is 3 + 4? The answer is 7.")["input_ids"]
 
-    def sequence_logprobs(model) -> torch.Tensor:
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits.float()[0, :-1]
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
-
     engine_lp = torch.tensor(dm.engine.sequence_logprobs([ids])[0])
-    torch.testing.assert_close(engine_lp, sequence_logprobs(module.policy), atol=1e-4, rtol=0)
-    untrained_gap = float((engine_lp - sequence_logprobs(initial)).abs().max())
+    torch.testing.assert_close(engine_lp, sequence_logprobs(module.policy, ids), atol=1e-4, rtol=0)
+    untrained_gap = float((engine_lp - sequence_logprobs(initial, ids)).abs().max())
     assert untrained_gap > 1e-2, f"the untrained weights would pass too (gap {untrained_gap:.1e})"
