@@ -131,11 +131,13 @@ class DashModule(PolicyModels, ParityHooks, EvalHooks, CheckpointHooks):
             tokens x vocabulary (8 x 2048 tokens of Qwen's 152k vocabulary: 10 GB per float32 copy). A
             micro-batch whose completion tokens fit one chunk is not recomputed (the same peak, one
             LM-head matmul less). 0 or null: unchunked (all ``[N, V]`` logits at once, kept for backward; a little faster).
-        shared_prefix: a group's kept completions train as one packed row ``[prompt, c1, ..., ck]``, the
-            prompt encoded once, not once per completion (lit_dash/data/packing.py): each completion sees
-            the prompt and its own past, positions restart after the prompt, so log-probs and gradients
-            are the per-row ones up to float rounding. Needs SDPA or eager attention and no sliding window
-            (otherwise a warning names the reason and the per-row layout runs).
+        shared_prefix: (default true) a group's kept completions train as one packed row ``[prompt, c1,
+            ..., ck]``, the prompt encoded once, not once per completion (lit_dash/data/packing.py): each
+            completion sees the prompt and its own past, positions restart after the prompt, so log-probs
+            and gradients are the per-row ones up to float rounding; SDPA models attend through a split
+            attention that computes only those pairs (lit_dash/training/prefix_attention.py). Needs SDPA or
+            eager attention and no sliding window (otherwise a warning names the reason and rows run one
+            by one); false: one row per completion.
 
     Log-probs, entropy, KL and the PPO ratio are all computed at the rollout's sampling temperature T
     (``log_softmax(logits / T)``; T = 0, greedy, counts as 1), from the full softmax: top-k / top-p
@@ -178,7 +180,7 @@ class DashModule(PolicyModels, ParityHooks, EvalHooks, CheckpointHooks):
         tis_cap: float | None = None,
         logprob_chunk_tokens: int | None = 1024,
         lora: dict[str, Any] | None = None,
-        shared_prefix: bool = False,
+        shared_prefix: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

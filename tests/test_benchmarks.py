@@ -165,8 +165,9 @@ PHASES = (
 
 def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
     """Two settings of the demo's step on the tiny model: every phase has a positive, finite ratio to its
-    limit, the bare loop trained exactly lit_dash's tokens, MFU is a fraction of the measured peak, and
-    the byte counts are those of the model (sync) and of model + AdamW moments (checkpoint)."""
+    limit, the bare loop trained the per-row layout's tokens and lit_dash each prompt once, MFU is a
+    fraction of the measured peak, and the byte counts are those of the model (sync) and of model + AdamW
+    moments (checkpoint)."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "efficiency.json"
@@ -196,12 +197,12 @@ def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
     for result in report["results"]:
         fb = result["forward_backward"]
         assert result["completions"] == 2 * 4  # filter off: every completion trained
-        assert (
-            fb["bare_trained_tokens"] == fb["lit_dash_trained_tokens"] == fb["model_flops"]["trained_tokens"]
-        )
+        # the bare loop runs one row per completion; lit_dash (model.shared_prefix, the default) each prompt once
+        lay = fb["layouts"]
+        assert fb["bare_trained_tokens"] == fb["model_flops"]["trained_tokens"] == lay["tokens"]["per_row"]
+        assert fb["lit_dash_trained_tokens"] == lay["tokens"]["shared_prefix"]
         assert fb["bare_completion_tokens"] == fb["model_flops"]["completion_tokens"] > 0
         # the layout rows: the same completions, each prompt once when packed (4 completions a group)
-        lay = fb["layouts"]
         assert (
             lay["completions"] == result["completions"]
             and lay["tokens"]["per_row"] == fb["bare_trained_tokens"]
