@@ -16,7 +16,7 @@ the engine's log-probs stay in that layout, and only the decoder's forward reads
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,9 @@ class PackedLayout:
     position_ids: torch.Tensor
     segments: torch.Tensor
     hidden_index: torch.Tensor
+    # what the forward derives from the layout (its split-attention plan, per device), made once: the
+    # policy, the reference and PPO's old log-probs all run the same micro-batch
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

@@ -52,7 +52,15 @@ class SplitPlan:
 
 
 def split_plan(layout: PackedLayout, device: torch.device) -> SplitPlan:
-    """The plan of ``layout``'s rows (one prompt each, then its completions), on ``device``."""
+    """The plan of ``layout``'s rows (one prompt each, then its completions), on ``device``; made once
+    per layout and device."""
+    key = ("split_plan", str(device))
+    if key not in layout.derived:
+        layout.derived[key] = _split_plan(layout, device)
+    return layout.derived[key]
+
+
+def _split_plan(layout: PackedLayout, device: torch.device) -> SplitPlan:
     seg = layout.segments.cpu()
     rows, width = seg.shape
     prompt_lengths = (seg == PROMPT).sum(dim=1)
