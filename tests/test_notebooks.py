@@ -132,6 +132,18 @@ def _timing_plots_the_timing_files(figures: dict, runs: dict) -> None:
         assert sum(widths[i::2]) == pytest.approx(totals[name], rel=1e-6)
     means = {name: sum(r["generation"] for r in rows) / len(rows) for name, rows in timing.items()}
     assert widths[:2] == [pytest.approx(means["GRPO"]), pytest.approx(means["DASH"])]  # generation first
+    # the reward lines: each run's logged reward against its steps, and against its cumulative step time
+    from lit_dash.logs import read_scalars
+
+    ax_step, ax_time = figures["timing_reward"]
+    for i, name in enumerate(["GRPO", "DASH"]):
+        reward = read_scalars(runs[name], "train/")["train/reward_mean"]
+        assert ax_step["lines"][i] == [[s for s, _ in reward], [pytest.approx(v) for _, v in reward]]
+        elapsed = [sum(r["total"] for r in timing[name][: k + 1]) for k in range(len(reward))]
+        assert ax_time["lines"][i] == [
+            [pytest.approx(t) for t in elapsed],
+            [pytest.approx(v) for _, v in reward],
+        ]
 
 
 def _custom_reward_plots_the_eval_files(figures: dict, runs: dict) -> None:
