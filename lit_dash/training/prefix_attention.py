@@ -49,6 +49,8 @@ class SplitPlan:
     key_mask: torch.Tensor
     prompt_written: torch.Tensor  # [r, P] bool: a real prompt position
     query_written: torch.Tensor  # [n, C] bool: a real completion position
+    written: torch.Tensor  # the real outputs' places in the prompt outputs [r*P] then the completions' [n*C]
+    written_at: torch.Tensor  # where each of them goes in the flattened [r*W] positions
 
 
 def split_plan(layout: PackedLayout, device: torch.device) -> SplitPlan:
@@ -97,6 +99,13 @@ def _split_plan(layout: PackedLayout, device: torch.device) -> SplitPlan:
     key_mask = key_mask | (
         ~query_written[:, :, None] & (torch.arange(longest_prompt + longest) == 0)[None, None]
     )
+    written = torch.cat(
+        [
+            prompt_written.flatten().nonzero()[:, 0],
+            rows * longest_prompt + query_written.flatten().nonzero()[:, 0],
+        ]
+    )
+    written_at = torch.cat([prompt_index[prompt_written], query_index[query_written]])
     return SplitPlan(
         width=width,
         prompt_index=prompt_index.to(device),
@@ -106,12 +115,17 @@ def _split_plan(layout: PackedLayout, device: torch.device) -> SplitPlan:
         key_mask=key_mask[:, None].to(device),
         prompt_written=prompt_written.to(device),
         query_written=query_written.to(device),
+        written=written.to(device),
+        written_at=written_at.to(device),
     )
 
 
 def _gather(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``flat [r*W, h, d]`` at ``index [a, b]`` as ``[a, h, b, d]`` (SDPA's layout)."""
-    return flat[index].transpose(1, 2)
+    """``flat [r*W, h, d]`` at ``index [a, b]`` as ``[a, h, b, d]`` (SDPA's layout). ``index_select``, not
+    ``flat[index]``: its backward is ``index_add_``, where advanced indexing's is an accumulating
+    ``index_put_`` that took a quarter of a packed micro-batch's forward+backward on the CPU."""
+    a, b = index.shape
+    return flat.index_select(0, index.reshape(-1)).view(a, b, *flat.shape[1:]).transpose(1, 2)
 
 
 def split_attention(
@@ -132,23 +146,24 @@ def split_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     rows, heads, width, dim = query.shape
-    groups = heads // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    q, k, v = (t.transpose(1, 2).reshape(rows * width, heads, dim) for t in (query, key, value))
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(rows * width, heads, dim)
+    k, v = (t.transpose(1, 2).reshape(rows * width, kv_heads, dim) for t in (key, value))
+    # grouped-query attention (kv_heads < heads): SDPA pairs each key/value head with its query heads
+    gqa = {"enable_gqa": True} if kv_heads != heads else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
     prompt_out = sdpa(
         _gather(q, plan.prompt_index), _gather(k, plan.prompt_index), _gather(v, plan.prompt_index),
-        attn_mask=plan.prompt_mask, dropout_p=dropout, scale=scaling,
+        attn_mask=plan.prompt_mask, dropout_p=dropout, scale=scaling, **gqa,
     )  # fmt: skip
     completion_out = sdpa(
         _gather(q, plan.query_index), _gather(k, plan.key_index), _gather(v, plan.key_index),
-        attn_mask=plan.key_mask, dropout_p=dropout, scale=scaling,
+        attn_mask=plan.key_mask, dropout_p=dropout, scale=scaling, **gqa,
     )  # fmt: skip
-    prompt_out, completion_out = prompt_out.transpose(1, 2), completion_out.transpose(1, 2)  # [a, b, h, d]
-    index = torch.cat([plan.prompt_index[plan.prompt_written], plan.query_index[plan.query_written]])
-    values = torch.cat([prompt_out[plan.prompt_written], completion_out[plan.query_written]])
-    out = q.new_zeros(rows * width, heads, dim).index_copy(0, index, values.to(q.dtype))
+    # [a, h, b, d] -> [a*b, h, d], prompts then completions; the real outputs, to their places in the rows
+    outputs = torch.cat([t.transpose(1, 2).reshape(-1, heads, dim) for t in (prompt_out, completion_out)])
+    values = outputs.index_select(0, plan.written).to(q.dtype)
+    out = q.new_zeros(rows * width, heads, dim).index_copy(0, plan.written_at, values)
     return out.view(rows, width, heads, dim), None
 
 
