@@ -505,6 +505,110 @@ def save_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def seed_summary(payloads: dict[int, dict]) -> list[dict]:
+    """Per setting, over seeds (``{seed: vs_trl.json payload}``): the mean accuracy at each step scored in every
+    seed, each seed's accuracy, the mean seconds per step and the mean cumulative train seconds at each
+    scored step."""
+    seeds = sorted(payloads)
+    settings = [r["setting"] for r in payloads[seeds[0]]["results"]]
+    rows = []
+    for setting in settings:
+        runs = []
+        for seed in seeds:
+            found = [r for r in payloads[seed]["results"] if r["setting"] == setting]
+            if not found:
+                raise SystemExit(f"seed {seed} has no {setting} run: rerun it or leave it out of --seeds")
+            runs.append(found[0])
+        accuracy = [{int(s): v for s, v in r["accuracy"].items()} for r in runs]  # JSON keys are strings
+        steps = sorted(set.intersection(*(set(a) for a in accuracy)))
+        by_seed = {seed: {s: a[s] for s in steps} for seed, a in zip(seeds, accuracy, strict=True)}
+        train = [{int(s): v for s, v in r["train_seconds"].items()} for r in runs]
+        rows.append({
+            "setting": setting,
+            "seeds": seeds,
+            "accuracy_by_seed": by_seed,
+            "accuracy": {s: sum(by_seed[seed][s] for seed in seeds) / len(seeds) for s in steps},
+            "train_seconds": {s: sum(t[s] for t in train) / len(train) for s in steps if all(s in t for t in train)},
+            "s_per_step": sum(r["s_per_step"] for r in runs) / len(runs),
+            "train_s": sum(r["train_s"] for r in runs) / len(runs),
+            "process_wall_s": sum(r["process_wall_s"] for r in runs) / len(runs),
+        })  # fmt: skip
+    return rows
+
+
+def time_to_accuracy(rows: list[dict], target: float) -> dict[str, float | None]:
+    """Per setting, the mean train seconds at its first scored step whose mean accuracy reaches ``target``
+    (None where none does)."""
+    reached = {}
+    for r in rows:
+        steps = [s for s in sorted(r["accuracy"]) if s in r["train_seconds"] and r["accuracy"][s] >= target]
+        reached[r["setting"]] = r["train_seconds"][steps[0]] if steps else None
+    return reached
+
+
+def seed_table(rows: list[dict], target: float) -> str:
+    """The seeds' table: mean accuracy (each seed's in brackets) at each step, s/step, train s, and the
+    time to ``target`` as a multiple of TRL's."""
+    steps = sorted({s for r in rows for s in r["accuracy"]})
+    reached = time_to_accuracy(rows, target)
+    trl = reached.get("trl")
+    head = ["setting", *[f"acc@{s}" for s in steps], "s/step", "train s", f"s to {target:.0%}", "vs TRL"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["setting"]]
+        for s in steps:
+            seeds = " / ".join(f"{100 * r['accuracy_by_seed'][k][s]:.0f}" for k in r["seeds"])
+            cells.append(f"{100 * r['accuracy'][s]:.1f}% ({seeds})" if s in r["accuracy"] else "-")
+        t = reached[r["setting"]]
+        cells += [f"{r['s_per_step']:.1f}", f"{r['train_s']:.0f}", "-" if t is None else f"{t:.0f}"]
+        cells.append("-" if t is None or not trl else f"{t / trl:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def combine_seeds(out: Path, seeds: list[int]) -> str:
+    """``out/seed<k>/vs_trl.json`` of each seed into ``out/vs_trl_seeds.json`` and ``vs_trl_seeds.png``; the
+    table is returned. The target accuracy is the lowest of the settings' final mean accuracies, so every
+    setting reaches it."""
+    payloads = {}
+    for seed in seeds:
+        path = out / f"seed{seed}" / "vs_trl.json"
+        if not path.exists():
+            raise SystemExit(f"{path} not found: run that seed first (--seeds {seed})")
+        payloads[seed] = json.loads(path.read_text())
+    shared = [
+        {k: v for k, v in p["settings"].items() if k not in ("seed", "seeds")} for p in payloads.values()
+    ]
+    if any(x != shared[0] for x in shared[1:]):
+        raise SystemExit(f"the seeds' runs differ in more than the seed: {out}/seed*/vs_trl.json")
+    rows = seed_summary(payloads)
+    target = min(r["accuracy"][max(r["accuracy"])] for r in rows)
+    text = seed_table(rows, target)
+    settings = payloads[seeds[0]]["settings"]
+    title = (
+        f"{settings['model']}: {settings['prompts']} prompts x {settings['group_size']}, "
+        f"{settings['max_new_tokens']} tokens, lr {settings['lr']:g}, {settings['precision']}; "
+        f"mean of seeds {', '.join(map(str, seeds))}; {payloads[seeds[0]]['held_out']['questions']} held-out "
+        "additions, greedy"
+    )
+    save_plot(rows, out / "vs_trl_seeds.png", title)
+    (out / "vs_trl_seeds.json").write_text(
+        json.dumps(
+            {
+                "seeds": seeds,
+                "target_accuracy": target,
+                "time_to_target": time_to_accuracy(rows, target),
+                "machine": payloads[seeds[0]]["machine"],
+                "settings": settings,
+                "results": rows,
+            },
+            indent=1,
+            default=str,
+        )  # fmt: skip
+    )
+    return text
+
+
 def machine_info(precision: str) -> dict:
     flags: set[str] = set()
     model = platform.processor() or platform.machine()
@@ -566,6 +670,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-problems", type=int, default=data["eval_sets"]["arithmetic"]["num_problems"])
     p.add_argument("--lr", type=float, default=model["lr"])
     p.add_argument("--seed", type=int, default=demo["seed_everything"])
+    p.add_argument(
+        "--seeds", default=None,
+        help="comma-separated: one run of every setting per seed, into OUT/seed<k>, then their table and plot",
+    )  # fmt: skip
+    p.add_argument(
+        "--combine-only",
+        action="store_true",
+        help="with --seeds: only the table and plot of runs already made",
+    )
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     p.add_argument(
         "--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}"
@@ -580,6 +693,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.settings) - set(SETTINGS))
     if unknown:
         p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    args.seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
+    if args.combine_only and not args.seeds:
+        p.error("--combine-only needs --seeds")
     if args.eval_every < 1 or args.steps < 1:
         p.error("--steps and --eval-every must be >= 1")
     return args
@@ -590,6 +706,21 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--trl-worker"]:
         return trl_worker(Path(argv[1]))
     args = parse_args(argv)
+    if args.seeds:
+        out = args.out
+        for seed in [] if args.combine_only else args.seeds:
+            code = run_one(copy.copy(args), seed, out / f"seed{seed}")
+            if code:
+                return code
+        print(combine_seeds(out, args.seeds))
+        print(f"[vs_trl] wrote {out / 'vs_trl_seeds.json'} and {out / 'vs_trl_seeds.png'}")
+        return 0
+    return run_one(args, args.seed, args.out)
+
+
+def run_one(args: argparse.Namespace, seed: int, out: Path) -> int:
+    """Every setting at one seed, into ``out``."""
+    args.seed, args.out = seed, out
     args.out.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 
@@ -624,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(summarize(run, scores))
         print(f"[vs_trl] {setting}: {rows[-1]['accuracy']}", flush=True)
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "config", "settings")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "config", "settings", "combine_only")}
     payload = {
         "settings": {**settings, "config": str(args.config), "model_path": model_path},
         "machine": machine_info(args.precision),

@@ -64,6 +64,57 @@ def test_summary_and_table_on_hand_made_records():
     assert bench.scored_steps(5, 2) == [0, 2, 4, 5] and bench.scored_steps(4, 4) == [0, 4]
 
 
+def _payload(seed: int, accuracy: dict, step_seconds: dict) -> dict:
+    """A vs_trl.json as one seed's run writes it (JSON: string step keys)."""
+    results = []
+    for setting, acc in accuracy.items():
+        steps = step_seconds[setting]
+        run = _bench().summarize(
+            {"setting": setting, "step_seconds": steps, "process_wall_s": sum(steps) + 5},
+            {s: {"accuracy": a} for s, a in acc.items()},
+        )
+        results.append(json.loads(json.dumps(run)))
+    settings = {"model": "m", "prompts": 2, "group_size": 4, "max_new_tokens": 8, "lr": 1e-5}
+    settings |= {"precision": "float32", "seed": seed}
+    return {"settings": settings, "machine": {}, "held_out": {"questions": 10}, "results": results}
+
+
+def test_seeds_are_combined_by_hand(tmp_path):
+    bench = _bench()
+    runs = {
+        0: _payload(0, {"trl": {0: 0.1, 2: 0.3, 4: 0.5}, "lit_dash_dash": {0: 0.1, 2: 0.5, 4: 0.6}},
+                    {"trl": [10.0] * 4, "lit_dash_dash": [2.0] * 4}),
+        1: _payload(1, {"trl": {0: 0.1, 2: 0.2, 4: 0.4}, "lit_dash_dash": {0: 0.1, 2: 0.4, 4: 0.7}},
+                    {"trl": [12.0] * 4, "lit_dash_dash": [3.0] * 4}),
+    }  # fmt: skip
+    for seed, payload in runs.items():
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "vs_trl.json").write_text(json.dumps(payload))
+    text = bench.combine_seeds(tmp_path, [0, 1]).splitlines()
+    # means: trl 10/25/45%, dash 10/45/65%; s/step 11 and 2.5; the target is the lower final mean, 45%:
+    # trl reaches it at step 4 (4 x 11 = 44 s), dash at step 2 (2 x 2.5 = 5 s): 5 / 44 of TRL's time
+    assert text[0] == "| setting | acc@0 | acc@2 | acc@4 | s/step | train s | s to 45% | vs TRL |"
+    assert text[2] == "| trl | 10.0% (10 / 10) | 25.0% (30 / 20) | 45.0% (50 / 40) | 11.0 | 44 | 44 | 1.00 |"
+    assert (
+        text[3]
+        == f"| lit_dash_dash | 10.0% (10 / 10) | 45.0% (50 / 40) | 65.0% (60 / 70) | 2.5 | 10 | 5 | {5 / 44:.2f} |"
+    )
+    saved = json.loads((tmp_path / "vs_trl_seeds.json").read_text())
+    assert saved["target_accuracy"] == pytest.approx(0.45)
+    assert saved["time_to_target"] == {"trl": pytest.approx(44.0), "lit_dash_dash": pytest.approx(5.0)}
+    assert (tmp_path / "vs_trl_seeds.png").read_bytes()[:4] == b"\x89PNG"
+    # runs that differ in more than the seed are refused, and so is a missing seed
+    runs[1]["settings"]["lr"] = 2e-5
+    (tmp_path / "seed1" / "vs_trl.json").write_text(json.dumps(runs[1]))
+    with pytest.raises(SystemExit, match="differ in more than the seed"):
+        bench.combine_seeds(tmp_path, [0, 1])
+    with pytest.raises(SystemExit, match="seed2/vs_trl.json not found"):
+        bench.combine_seeds(tmp_path, [0, 2])
+    assert bench.parse_args(["--seeds", "0,1"]).seeds == [0, 1]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--combine-only"])
+
+
 def test_both_setups_get_the_shared_knobs(tmp_path):
     bench = _bench()
     argv = ["--prompts", "3", "--group-size", "4", "--micro-batch", "6", "--steps", "5", "--eval-every", "2"]
