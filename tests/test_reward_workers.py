@@ -144,7 +144,7 @@ def test_recursion_and_memory_errors_are_the_answers_not_the_machinerys(monkeypa
     monkeypatch.setattr(reward_module, "_verdict", verdict)
     assert _judge("1", "1", 1.0) == _OUT_OF_LIMITS
     monkeypatch.setattr(reward_module, "_verdict", lambda a, r: int("not a number"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid literal"):  # a bug in the verdict is raised, not scored 0
         _judge("1", "1", 1.0)
 
 
