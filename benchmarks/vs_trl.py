@@ -488,12 +488,17 @@ def save_plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for r in rows:
+    # a marker and a dash per setting: settings whose accuracies coincide (DASH and no filter, which train on
+    # the same samples when filtering drops only zero-advantage groups) still show apart
+    styles = [dict(marker="o", linestyle="-"), dict(marker="s", linestyle="--", fillstyle="none"),
+              dict(marker="^", linestyle=":", fillstyle="none")]  # fmt: skip
+    for i, r in enumerate(rows):
+        style = styles[i % len(styles)]
         steps = sorted(int(s) for s in r["accuracy"])
         acc = [r["accuracy"][s] for s in steps]
-        by_step.plot(steps, acc, marker="o", label=r["setting"])
+        by_step.plot(steps, acc, label=r["setting"], **style)
         timed = [s for s in steps if s in r["train_seconds"]]
-        by_time.plot([r["train_seconds"][s] for s in timed], [r["accuracy"][s] for s in timed], marker="o")
+        by_time.plot([r["train_seconds"][s] for s in timed], [r["accuracy"][s] for s in timed], **style)
     by_step.set_xlabel("optimizer step")
     by_step.set_ylabel("held-out accuracy (greedy, plain rule)")
     by_time.set_xlabel("training wall time (s, sum of step times)")
