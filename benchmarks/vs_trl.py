@@ -557,7 +557,7 @@ def seed_table(rows: list[dict], target: float) -> str:
     steps = sorted({s for r in rows for s in r["accuracy"]})
     reached = time_to_accuracy(rows, target)
     trl = reached.get("trl")
-    head = ["setting", *[f"acc@{s}" for s in steps], "s/step", "train s", f"s to {target:.0%}", "vs TRL"]
+    head = ["setting", *[f"acc@{s}" for s in steps], "s/step", "train s", f"s to {100 * target:g}%", "vs TRL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"]]
