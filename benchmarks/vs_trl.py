@@ -551,11 +551,10 @@ def time_to_accuracy(rows: list[dict], target: float) -> dict[str, float | None]
     return reached
 
 
-def seed_table(rows: list[dict], target: float) -> str:
+def seed_table(rows: list[dict], target: float, reached: dict[str, float | None]) -> str:
     """The seeds' table: mean accuracy (each seed's in brackets) at each step, s/step, train s, and the
-    time to ``target`` as a multiple of TRL's."""
+    time to ``target`` (``reached``: :func:`time_to_accuracy`) as a multiple of TRL's."""
     steps = sorted({s for r in rows for s in r["accuracy"]})
-    reached = time_to_accuracy(rows, target)
     trl = reached.get("trl")
     head = ["setting", *[f"acc@{s}" for s in steps], "s/step", "train s", f"s to {100 * target:g}%", "vs TRL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -588,7 +587,8 @@ def combine_seeds(out: Path, seeds: list[int]) -> str:
         raise SystemExit(f"the seeds' runs differ in more than the seed: {out}/seed*/vs_trl.json")
     rows = seed_summary(payloads)
     target = min(r["accuracy"][max(r["accuracy"])] for r in rows)
-    text = seed_table(rows, target)
+    reached = time_to_accuracy(rows, target)
+    text = seed_table(rows, target, reached)
     settings = payloads[seeds[0]]["settings"]
     title = (
         f"{settings['model']}: {settings['prompts']} prompts x {settings['group_size']}, "
@@ -602,7 +602,7 @@ def combine_seeds(out: Path, seeds: list[int]) -> str:
             {
                 "seeds": seeds,
                 "target_accuracy": target,
-                "time_to_target": time_to_accuracy(rows, target),
+                "time_to_target": reached,
                 "machine": payloads[seeds[0]]["machine"],
                 "settings": settings,
                 "results": rows,

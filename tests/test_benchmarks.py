@@ -203,10 +203,7 @@ def test_efficiency_benchmark_smoke(tmp_path, tiny_model_path):
         assert fb["lit_dash_trained_tokens"] == lay["tokens"]["shared_prefix"]
         assert fb["bare_completion_tokens"] == fb["model_flops"]["completion_tokens"] > 0
         # the layout rows: the same completions, each prompt once when packed (4 completions a group)
-        assert (
-            lay["completions"] == result["completions"]
-            and lay["tokens"]["per_row"] == fb["bare_trained_tokens"]
-        )
+        assert lay["completions"] == result["completions"]
         prompt_tokens = lay["tokens"]["per_row"] - fb["bare_completion_tokens"]  # each prompt 4 times
         assert lay["tokens"]["shared_prefix"] == lay["tokens"]["per_row"] - prompt_tokens * 3 // 4 > 0
         assert set(lay["seconds"]) == {"bare_per_row", "lit_dash_per_row", "lit_dash_shared_prefix"}

@@ -38,7 +38,7 @@ class SplitPlan:
     [r, 1, P, P]``: causal within the prompt; ``query_index [n, C]``: each completion's positions (C the
     longest completion), ``key_index [n, P + C]``: its prompt's positions then its own, ``key_mask
     [n, 1, C, P + C]``: the whole prompt and its own causal past. Padding entries point at position 0 and
-    attend to one valid key (never an empty softmax row); ``written`` and ``values_at`` say which outputs
+    attend to one valid key (never an empty softmax row); ``written`` and ``written_at`` say which outputs
     are real and where they go."""
 
     width: int
@@ -47,8 +47,6 @@ class SplitPlan:
     query_index: torch.Tensor
     key_index: torch.Tensor
     key_mask: torch.Tensor
-    prompt_written: torch.Tensor  # [r, P] bool: a real prompt position
-    query_written: torch.Tensor  # [n, C] bool: a real completion position
     written: torch.Tensor  # the real outputs' places in the prompt outputs [r*P] then the completions' [n*C]
     written_at: torch.Tensor  # where each of them goes in the flattened [r*W] positions
 
@@ -113,8 +111,6 @@ def _split_plan(layout: PackedLayout, device: torch.device) -> SplitPlan:
         query_index=query_index.to(device),
         key_index=key_index.to(device),
         key_mask=key_mask[:, None].to(device),
-        prompt_written=prompt_written.to(device),
-        query_written=query_written.to(device),
         written=written.to(device),
         written_at=written_at.to(device),
     )
