@@ -1,5 +1,6 @@
-"""Greedy evaluation on held-out problems: accuracy, length, answered fraction, tokens/s, and how many
-answers are unevaluated expressions that equal the reference (``\\boxed{23 + 73}`` for 96).
+"""Greedy evaluation on held-out problems: accuracy, length, answered fraction, tokens/s, how many answers
+are boxed (and right), and how many are unevaluated expressions that equal the reference
+(``\\boxed{23 + 73}`` for 96).
 
 Accuracy comes from the reward (the module's, strict by default). The ``verdict`` of every record comes
 from :func:`lit_dash.rewards.math_verdicts` whatever the reward is, so a lenient or custom reward that pays
@@ -26,7 +27,7 @@ from lit_dash import console
 from lit_dash.data.formatting import INSTRUCTION, format_prompts
 from lit_dash.data.records import Problem
 from lit_dash.engines.base import Engine, GenerationResult, SamplingConfig
-from lit_dash.rewards import extract_answer, math_rewards, math_verdicts
+from lit_dash.rewards import extract_answer, has_answer, math_rewards, math_verdicts
 from lit_dash.rewards.math import CORRECT, UNEVALUATED
 from lit_dash.rewards.scoring import score_completions
 
@@ -106,7 +107,9 @@ class EvalResult:
     """Summary of one evaluation set. ``mean_completion_tokens`` is in tokens, the rest are fractions of the
     problems; ``unevaluated_fraction`` counts answers equal to the reference only once their arithmetic is
     done (``\\boxed{23 + 73}`` for 96), which the strict reward scores 0 and a lenient one pays;
-    ``correct_fraction`` is the strict rule's accuracy (verdict ``correct``) whatever the reward is."""
+    ``correct_fraction`` is the strict rule's accuracy (verdict ``correct``) whatever the reward is;
+    ``boxed_fraction`` counts answers inside a non-empty ``\\boxed{}`` (the format the prompt asks for) and
+    ``boxed_correct_fraction`` those that are also correct: the accuracy without the last-number fallback."""
 
     name: str
     num_problems: int
@@ -117,6 +120,8 @@ class EvalResult:
     generation_tokens_per_second: float
     unevaluated_fraction: float = 0.0
     correct_fraction: float = 0.0
+    boxed_fraction: float = 0.0
+    boxed_correct_fraction: float = 0.0
     k: int | None = None  # with eval_samples: pass@k and maj@k (fractions of the problems)
     pass_at_k: float | None = None
     maj_at_k: float | None = None
@@ -134,6 +139,8 @@ class EvalResult:
             f"{base}/tokens_per_s": self.generation_tokens_per_second,
             f"{base}/unevaluated": self.unevaluated_fraction,
             f"{base}/correct": self.correct_fraction,
+            f"{base}/boxed": self.boxed_fraction,
+            f"{base}/boxed_correct": self.boxed_correct_fraction,
         }
 
 
@@ -181,6 +188,7 @@ class Evaluator:
                 "prompt": prompt,
                 "completion": c.text,
                 "extracted": extract_answer(c.text, self.last_number_fallback),
+                "boxed": has_answer(c.text),
                 "completion_tokens": len(c.token_ids),
                 "truncated": c.truncated,
             }
@@ -213,6 +221,7 @@ class Evaluator:
                 "reference": p.answer,
                 "completion": c.text,
                 "extracted": extract_answer(c.text, self.last_number_fallback),
+                "boxed": has_answer(c.text),
                 "reward": float(r),
                 "verdict": v,
                 "completion_tokens": len(c.token_ids),
@@ -318,6 +327,8 @@ def summarize(name: str, records: list[dict]) -> EvalResult:
         generation_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         unevaluated_fraction=sum(r.get("verdict") == UNEVALUATED for r in records) / n,
         correct_fraction=sum(r.get("verdict") == CORRECT for r in records) / n,
+        boxed_fraction=sum(r["boxed"] for r in records) / n,
+        boxed_correct_fraction=sum(r["boxed"] and r.get("verdict") == CORRECT for r in records) / n,
         **sampled,
     )
 
@@ -334,13 +345,15 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
 def format_results(results: list[EvalResult]) -> str:
     """A small table for the terminal."""
     lines = [
-        "| set | problems | accuracy | unevaluated = ref | answered | mean tokens | truncated | gen tok/s |",
-        "|---" * 8 + "|",
+        "| set | problems | accuracy | boxed | boxed & right | unevaluated = ref | answered | mean tokens "
+        "| truncated | gen tok/s |",
+        "|---" * 10 + "|",
     ]
     for r in results:
         d = asdict(r)
         lines.append(
-            f"| {d['name']} | {d['num_problems']} | {r.accuracy:.1%} | {r.unevaluated_fraction:.1%} | "
+            f"| {d['name']} | {d['num_problems']} | {r.accuracy:.1%} | {r.boxed_fraction:.1%} | "
+            f"{r.boxed_correct_fraction:.1%} | {r.unevaluated_fraction:.1%} | "
             f"{r.answered_fraction:.1%} | "
             f"{r.mean_completion_tokens:.1f} | {r.truncated_fraction:.1%} | {r.generation_tokens_per_second:.0f} |"
         )

@@ -11,11 +11,12 @@ from lit_dash.data.records import Problem
 from lit_dash.evaluation import Evaluator, format_results, summarize
 
 
-def _record(reward, extracted, tokens, truncated, seconds, verdict="wrong"):
+def _record(reward, extracted, tokens, truncated, seconds, verdict="wrong", boxed=True):
     return {
         "reward": reward,
         "verdict": verdict,
         "extracted": extracted,
+        "boxed": boxed,
         "completion_tokens": tokens,
         "truncated": truncated,
         "seconds": seconds,
@@ -26,8 +27,8 @@ def test_summary_matches_hand_computed_values():
     records = [
         _record(1.0, "5", 10, False, 0.5, verdict="correct"),
         _record(0.0, "3 + 4", 30, False, 0.5, verdict="unevaluated"),
-        _record(0.0, None, 40, True, 1.0, verdict="no_answer"),
-        _record(1.0, "2", 20, False, 0.5),  # a custom reward paid a wrong answer
+        _record(0.0, None, 40, True, 1.0, verdict="no_answer", boxed=False),
+        _record(1.0, "2", 20, False, 0.5, boxed=False),  # a custom reward paid a wrong bare number
     ]
     r = summarize("toy", records)
     assert r.num_problems == 4
@@ -41,7 +42,24 @@ def test_summary_matches_hand_computed_values():
     assert r.metrics()["eval/toy/accuracy"] == 0.5
     assert r.metrics()["eval/toy/unevaluated"] == 0.25
     assert r.metrics()["eval/toy/correct"] == 0.25
-    assert "| toy | 4 | 50.0% | 25.0% | 75.0% | 25.0 |" in format_results([r])
+    assert r.boxed_fraction == 0.5  # "5" and "3 + 4" are boxed
+    assert r.boxed_correct_fraction == 0.25  # of those only "5" is correct
+    assert "| toy | 4 | 50.0% | 50.0% | 25.0% | 25.0% | 75.0% | 25.0 |" in format_results([r])
+
+
+def test_boxed_columns_separate_the_fallbacks_answers():
+    """With the last-number fallback a bare "27" can be correct; "boxed & right" is the accuracy without it."""
+    records = [
+        _record(1.0, "27", 8, False, 0.1, verdict="correct", boxed=True),  # \\boxed{27}
+        _record(1.0, "27", 8, False, 0.1, verdict="correct", boxed=False),  # "16 + 11 = 27"
+        _record(0.0, "26", 8, False, 0.1, verdict="wrong", boxed=True),
+        _record(0.0, None, 8, False, 0.1, verdict="no_answer", boxed=False),
+    ]
+    r = summarize("toy", records)
+    assert (r.accuracy, r.correct_fraction) == (0.5, 0.5)
+    assert (r.boxed_fraction, r.boxed_correct_fraction) == (0.5, 0.25)
+    assert r.metrics()["eval/toy/boxed"] == 0.5
+    assert r.metrics()["eval/toy/boxed_correct"] == 0.25
 
 
 def test_evaluator_on_the_real_engine_writes_scored_jsonl(tiny_engine, tmp_path):

@@ -100,7 +100,9 @@ class MathEvaluation(L.Callback):
                 )
             lines.append(
                 f"  {name}: {first.accuracy:.1%} -> {last.accuracy:.1%} "
-                f"({last.num_problems} problems, greedy; unevaluated expressions equal to the reference "
+                f"({last.num_problems} problems, greedy; boxed {first.boxed_fraction:.0%} -> "
+                f"{last.boxed_fraction:.0%}, boxed and right {first.boxed_correct_fraction:.0%} -> "
+                f"{last.boxed_correct_fraction:.0%}; unevaluated expressions equal to the reference "
                 f"{first.unevaluated_fraction:.1%} -> {last.unevaluated_fraction:.1%}; mean length "
                 f"{first.mean_completion_tokens:.0f} -> {last.mean_completion_tokens:.0f} tokens{sampled})"
             )
