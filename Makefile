@@ -22,5 +22,5 @@ lint: setup
 bench: setup  # DASH vs standard GRPO, four settings side by side (~15 min on 2 CPU cores)
 	.venv/bin/python benchmarks/dash_vs_grpo.py
 
-compare: setup  # base, SFT, DASH, DASH without KL, PPO multi/mini (~75 min on 2 CPU cores)
+compare: setup  # base, SFT, DASH, DASH without KL, PPO multi/mini, 16 steps, 2 seeds (37 min on 2 bf16-native CPU cores)
 	.venv/bin/python benchmarks/compare_methods.py

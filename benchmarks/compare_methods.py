@@ -20,13 +20,11 @@ TimingProfile's ``timing.csv`` and the TensorBoard events. Outputs in ``--out``:
 per run), ``summary.json``, ``curves.png`` (held-out accuracy and train reward against training steps),
 the runs' folders, and the table printed at the end.
 
-Cost (2 shared AMD EPYC cores, fp32; measured in a 2-step run of sft and dash): a DASH+KL rollout takes
-92-122 s (generation 21-24 s, reference log-probs 14-15 s, forward+backward 52-58 s), an evaluation of 50
-problems 22-28 s, a process start about 35 s; an SFT step 8-10 s. The defaults (4 steps, 2 seeds, 6
-methods, evaluation every 2 steps) are estimated at about 75 minutes; ``--steps 3 --eval-every 3`` at
-about 55. Steps get cheaper as completions get shorter, so this is an upper estimate.
+Cost, measured with the defaults (the demo's 16 steps, 2 seeds, 100 problems, evaluation every 4 steps) on
+2 AMD EPYC cores with native bf16 (``precision: auto`` = bf16), one run at a time: 37 minutes for the 11 runs
+(a DASH run 2-2.5 minutes, PPO 3.5-4, SFT 1). A CPU without native bf16 runs fp32, several times slower.
 
-    make compare                       # = .venv/bin/python benchmarks/compare_methods.py, ~75 min on 2 cores
+    make compare                       # = .venv/bin/python benchmarks/compare_methods.py (37 min, see above)
     python benchmarks/compare_methods.py --steps 8 --seeds 0,1,2 --eval-problems 100 --eval-every 4 \\
         --accelerator auto --engine hf --parallel 8                 # a GPU without vLLM: ~3 min on one H200
     .venv/bin/python benchmarks/compare_methods.py --steps 2 --seeds 0 --methods base,dash_no_kl \\
@@ -264,7 +262,7 @@ def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     )
     right.set(
         xlabel="training step (rollouts)",
-        ylabel="mean train reward (fraction correct, T=0.7)",
+        ylabel=f"mean train reward (fraction correct, T={args.temperature:g})",
         title="Train reward of sampled completions (RL methods)",
     )
     left.set_ylim(-2, 102)
@@ -280,11 +278,11 @@ def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="rollouts (batches of 12 problems) per run")
+    parser.add_argument("--steps", type=int, default=16, help="rollouts (batches of 12 problems) per run")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (seed_everything)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
-    parser.add_argument("--eval-problems", type=int, default=50, help="held-out arithmetic problems")
-    parser.add_argument("--eval-every", type=int, default=2, help="evaluate every this many rollouts")
+    parser.add_argument("--eval-problems", type=int, default=100, help="held-out arithmetic problems")
+    parser.add_argument("--eval-every", type=int, default=4, help="evaluate every this many rollouts")
     parser.add_argument("--model", default=None, help="alias, folder or hub id (default: the demo's)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare_methods")
     parser.add_argument("--accelerator", default=None, help="trainer accelerator (default: the configs' cpu)")
@@ -303,6 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"need --steps >= 1, >= 1 seed and methods from {','.join(METHODS)} (unknown: {unknown})"
         )
     args.eval_set = "arithmetic"
+    args.temperature = yaml.safe_load(RL_CONFIG.read_text())["data"]["sampling"]["temperature"]
     return args
 
 

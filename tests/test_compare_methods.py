@@ -48,7 +48,7 @@ def test_each_method_config_parses_with_the_shared_budget(method, tmp_path, monk
     assert (init.trainer.limit_train_batches, init.trainer.max_epochs) == (5, 1)
     assert init.trainer.max_steps == 5 * per_rollout
     evaluation = init.trainer.callbacks[0]
-    assert evaluation.every_n_steps == 2 * per_rollout and not evaluation.at_start  # every 2 rollouts
+    assert evaluation.every_n_steps == 4 * per_rollout and not evaluation.at_start  # every 4 rollouts
 
 
 def test_bad_flags_are_refused_by_name():
