@@ -556,7 +556,7 @@ def seed_table(rows: list[dict], target: float, reached: dict[str, float | None]
     time to ``target`` (``reached``: :func:`time_to_accuracy`) as a multiple of TRL's."""
     steps = sorted({s for r in rows for s in r["accuracy"]})
     trl = reached.get("trl")
-    head = ["setting", *[f"acc@{s}" for s in steps], "s/step", "train s", f"s to {100 * target:g}%", "vs TRL"]
+    head = ["setting", *[f"acc@{s}" for s in steps], "s/step", "train s", f"s to {100 * target:.1f}%", "vs TRL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"]]

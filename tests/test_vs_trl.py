@@ -93,7 +93,7 @@ def test_seeds_are_combined_by_hand(tmp_path):
     text = bench.combine_seeds(tmp_path, [0, 1]).splitlines()
     # means: trl 10/25/45%, dash 10/45/65%; s/step 11 and 2.5; the target is the lower final mean, 45%:
     # trl reaches it at step 4 (4 x 11 = 44 s), dash at step 2 (2 x 2.5 = 5 s): 5 / 44 of TRL's time
-    assert text[0] == "| setting | acc@0 | acc@2 | acc@4 | s/step | train s | s to 45% | vs TRL |"
+    assert text[0] == "| setting | acc@0 | acc@2 | acc@4 | s/step | train s | s to 45.0% | vs TRL |"
     assert text[2] == "| trl | 10.0% (10 / 10) | 25.0% (30 / 20) | 45.0% (50 / 40) | 11.0 | 44 | 44 | 1.00 |"
     assert (
         text[3]
