@@ -64,7 +64,7 @@ def test_eval_samples_knobs_are_checked():
 
 
 def test_summary_averages_the_per_problem_figures():
-    base = {"extracted": "1", "completion_tokens": 1, "truncated": False, "seconds": 1.0, "k": 2}
+    base = {"extracted": "1", "boxed": True, "completion_tokens": 1, "truncated": False, "seconds": 1.0, "k": 2}
     records = [
         {**base, "reward": 1.0, "pass_at_k": 0.5, "maj_at_k": 1.0},
         {**base, "reward": 0.0, "pass_at_k": 1.0, "maj_at_k": 0.0},
